@@ -1,0 +1,95 @@
+# kv-agent developer entry points. Every target installs what it needs from this repository's
+# own files (Debian packages via apt, Python packages via pip into .venv).
+#
+#   make test   - install deps, build, run C++ (ctest: unit, model, e2e) and Python tests
+#   make demo   - the main job: LoCoMo memory demo on the default model with a local store
+#   make gpu-test (on a GPU machine) - CUDA kernels and gpu-labelled tests
+
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BUILD ?= build
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+LOCOMO ?= ../shared/data/locomo/locomo10_dev.json
+
+APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \
+	libsqlite3-dev libhiredis-dev redis-server
+
+.PHONY: all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
+	demo gpu-test lint format clean bench
+
+all: build
+
+deps: deps-apt deps-py
+
+# Installs missing Debian packages (apt-get update only when something is missing).
+deps-apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  SUDO=$$( [ $$(id -u) -eq 0 ] && echo "" || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.deps-stamp: pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+deps-py: $(VENV)/.deps-stamp
+
+# C++ library, tests and benchmarks.
+build: deps-apt
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+# The Python package with its nanobind extension, installed editable into .venv.
+build-py: deps-apt deps-py
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+test-cpp: build
+	ctest --test-dir $(BUILD) -L 'unit|model|e2e' --output-on-failure -j $(JOBS)
+
+test-py: build-py
+	$(PY) -m pytest -m "not gpu" -q
+
+# ASan+UBSan over the unit suite, TSan over the concurrency tests.
+asan: deps-apt
+	cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVAGENT_SANITIZE=address -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_BENCH=OFF
+	cmake --build build-asan -j $(JOBS)
+	ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan -L unit --output-on-failure -j $(JOBS)
+
+tsan: deps-apt
+	cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVAGENT_SANITIZE=thread -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_BENCH=OFF
+	cmake --build build-tsan -j $(JOBS)
+	TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan -L unit -R 'concurren|thread' --output-on-failure
+
+test-sanitize: asan tsan
+
+test: test-cpp test-py test-sanitize
+
+demo: build-py
+	$(PY) -m kv_agent.cli demo --locomo $(LOCOMO)
+
+gpu-test:
+	cmake -S . -B build-gpu -G Ninja -DKVAGENT_CUDA=ON
+	cmake --build build-gpu -j $(JOBS)
+	ctest --test-dir build-gpu -L gpu --output-on-failure
+
+bench: build
+	@for b in $(BUILD)/bench/*_bench; do echo "== $$b"; $$b; done
+
+lint: deps-py
+	$(VENV)/bin/ruff check python tests/python bench
+	clang-format --dry-run --Werror $$(git ls-files '*.h' '*.cc' '*.cu' '*.cuh')
+
+format: deps-py
+	$(VENV)/bin/ruff format python tests/python bench
+	clang-format -i $$(git ls-files '*.h' '*.cc' '*.cu' '*.cuh')
+
+clean:
+	rm -rf $(BUILD) build-asan build-tsan build-gpu

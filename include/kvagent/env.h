@@ -1,0 +1,109 @@
+// Env: every file and clock access of kv-agent goes through this interface, so tests can swap
+// in an in-memory file system (NewMemEnv) or one that injects faults (FaultInjectionEnv in
+// kvagent/fault_injection_env.h). The idea follows LevelDB's include/leveldb/env.h.
+//
+// Paths are plain strings with '/' separators. Errors are Status codes: NotFound for missing
+// files, ResourceExhausted for a full disk, Internal/DataLoss for I/O errors.
+//
+// Thread-safety: an Env is safe for concurrent use. A RandomAccessFile is safe for concurrent
+// Read calls. A WritableFile must be used by one thread at a time.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvagent/status.h"
+
+namespace kvagent {
+
+// Positional reads of an immutable (or append-only) file.
+class RandomAccessFile {
+ public:
+  virtual ~RandomAccessFile() = default;
+  // Reads up to dst.size() bytes at `offset` straight into dst (no intermediate copy).
+  // Sets *bytes_read to the bytes read; fewer than requested only at end of file.
+  virtual Status Read(uint64_t offset, std::span<std::byte> dst, size_t* bytes_read) const = 0;
+  // Current size of the file in bytes.
+  virtual StatusOr<uint64_t> Size() const = 0;
+};
+
+// A file opened for appending. Data is durable only after Sync() returns OK.
+class WritableFile {
+ public:
+  virtual ~WritableFile() = default;
+  // Appends all of `data` or returns an error (a short write is reported, never hidden).
+  virtual Status Append(std::span<const std::byte> data) = 0;
+  // Pushes buffered data to the OS (not durable).
+  virtual Status Flush() = 0;
+  // Makes everything appended so far durable (fdatasync).
+  virtual Status Sync() = 0;
+  virtual Status Close() = 0;
+  // Bytes in the file, counting appended-but-unsynced data.
+  virtual uint64_t Size() const = 0;
+};
+
+// An exclusive advisory lock on a file (one process opens a store at a time).
+class FileLock {
+ public:
+  virtual ~FileLock() = default;
+};
+
+class Env {
+ public:
+  virtual ~Env() = default;
+
+  // The process-wide POSIX environment. Never deleted.
+  static Env* Default();
+
+  virtual StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(
+      const std::string& path) = 0;
+  // Creates or truncates `path`.
+  virtual StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) = 0;
+  // Opens `path` for appending, creating it if missing; Size() starts at the current size.
+  virtual StatusOr<std::unique_ptr<WritableFile>> NewAppendableFile(const std::string& path) = 0;
+
+  virtual bool FileExists(const std::string& path) = 0;
+  // Names (not paths) of the entries of directory `dir`, excluding "." and "..".
+  virtual StatusOr<std::vector<std::string>> GetChildren(const std::string& dir) = 0;
+  virtual Status RemoveFile(const std::string& path) = 0;
+  // Atomically replaces `to` with `from`.
+  virtual Status RenameFile(const std::string& from, const std::string& to) = 0;
+  // Creates `dir` and missing parents; OK if it exists.
+  virtual Status CreateDirs(const std::string& dir) = 0;
+  virtual StatusOr<uint64_t> GetFileSize(const std::string& path) = 0;
+  // Truncates `path` to `size` bytes (used to cut a torn tail after a crash).
+  virtual Status TruncateFile(const std::string& path, uint64_t size) = 0;
+  // Makes directory entries (creations, renames) in `dir` durable.
+  virtual Status SyncDir(const std::string& dir) = 0;
+
+  // Takes an exclusive lock; FailedPrecondition if another holder has it.
+  virtual StatusOr<std::unique_ptr<FileLock>> LockFile(const std::string& path) = 0;
+
+  // Free bytes on the file system holding `path` (for disk-full checks).
+  virtual StatusOr<uint64_t> FreeSpace(const std::string& path) = 0;
+
+  // True when `path` names a real OS path (SQLite and mmap may use it directly).
+  virtual bool IsPosix() const { return false; }
+
+  // Microseconds since an arbitrary fixed point, monotonic.
+  virtual uint64_t NowMicros() = 0;
+  // Microseconds since the Unix epoch (wall clock; for metadata timestamps).
+  virtual int64_t WallMicros() = 0;
+  virtual void SleepForMicros(uint64_t micros) = 0;
+};
+
+// An Env that keeps all files in memory (each instance has its own file system); clocks come
+// from the default Env. For tests and ephemeral stores.
+std::unique_ptr<Env> NewMemEnv();
+
+// Reads the whole file at `path`.
+StatusOr<std::string> ReadFileToString(Env* env, const std::string& path);
+// Writes `data` to `path` (truncating), syncs it, and syncs the directory when `sync` is set.
+Status WriteStringToFile(Env* env, std::string_view data, const std::string& path, bool sync);
+
+}  // namespace kvagent

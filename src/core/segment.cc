@@ -1,0 +1,105 @@
+#include "kvagent/segment.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+
+namespace kvagent {
+
+namespace {
+
+constexpr size_t kAlign = 64;
+
+void* AlignedAlloc(size_t size) {
+  size_t rounded = (size + kAlign - 1) / kAlign * kAlign;
+  return std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
+}
+
+Buffer::Allocator& HostAllocator() {
+  static Buffer::Allocator a{AlignedAlloc, [](void* p) { std::free(p); }, "aligned"};
+  return a;
+}
+
+}  // namespace
+
+void Buffer::SetHostAllocator(Allocator allocator) { HostAllocator() = std::move(allocator); }
+const char* Buffer::HostAllocatorName() { return HostAllocator().name; }
+
+StatusOr<std::shared_ptr<Buffer>> Buffer::Allocate(size_t size) {
+  Allocator& a = HostAllocator();
+  void* p = a.alloc(size);
+  if (p == nullptr) return ResourceExhaustedError("cannot allocate " + std::to_string(size) + " bytes of host memory");
+  auto free_fn = a.free;
+  return std::shared_ptr<Buffer>(new Buffer(static_cast<std::byte*>(p), size, [p, free_fn] { free_fn(p); }));
+}
+
+StatusOr<std::shared_ptr<Buffer>> Buffer::CopyOf(std::span<const std::byte> bytes) {
+  KVAGENT_ASSIGN_OR_RETURN(auto buf, Allocate(bytes.size()));
+  if (!bytes.empty()) std::memcpy(buf->data(), bytes.data(), bytes.size());
+  return buf;
+}
+
+std::shared_ptr<Buffer> Buffer::Wrap(std::byte* data, size_t size, std::function<void()> release) {
+  return std::shared_ptr<Buffer>(new Buffer(data, size, std::move(release)));
+}
+
+Buffer::~Buffer() {
+  if (release_) release_();
+}
+
+Status Segment::Validate() const {
+  const SegmentLayout& l = layout;
+  if (l.num_layers <= 0 || l.num_kv_heads <= 0 || l.head_dim <= 0 || l.num_tokens <= 0)
+    return InvalidArgumentError("segment layout must have positive layers, kv_heads, head_dim and tokens");
+  if (l.dtype != DType::kF32 && l.dtype != DType::kF16 && l.dtype != DType::kBF16)
+    return InvalidArgumentError("segment dtype must be f32, f16 or bf16, got " + std::string(DTypeName(l.dtype)));
+  if (tokens.size() != static_cast<size_t>(l.num_tokens))
+    return InvalidArgumentError("segment has " + std::to_string(tokens.size()) + " token ids for " +
+                                std::to_string(l.num_tokens) + " tokens");
+  if (positions.size() != static_cast<size_t>(l.num_tokens))
+    return InvalidArgumentError("segment has " + std::to_string(positions.size()) + " positions for " +
+                                std::to_string(l.num_tokens) + " tokens");
+  if (!payload) return InvalidArgumentError("segment has no payload");
+  if (payload->size() != l.NumBytes())
+    return InvalidArgumentError("segment payload has " + std::to_string(payload->size()) + " bytes, layout needs " +
+                                std::to_string(l.NumBytes()));
+  if (key.IsZero()) return InvalidArgumentError("segment key is zero");
+  if (model.IsZero()) return InvalidArgumentError("segment model fingerprint is zero");
+  return Status::Ok();
+}
+
+Status Segment::ValidateFor(const ModelSpec& spec) const {
+  KVAGENT_RETURN_IF_ERROR(Validate());
+  KVAGENT_RETURN_IF_ERROR(CheckFingerprint(model, spec.fingerprint));
+  if (layout.num_layers != spec.num_layers || layout.num_kv_heads != spec.num_kv_heads ||
+      layout.head_dim != spec.head_dim)
+    return InvalidArgumentError("segment layout (" + std::to_string(layout.num_layers) + " layers, " +
+                                std::to_string(layout.num_kv_heads) + " kv heads, dim " +
+                                std::to_string(layout.head_dim) + ") does not match model '" + spec.name + "'");
+  if (layout.dtype != spec.kv_dtype)
+    return InvalidArgumentError("segment dtype " + std::string(DTypeName(layout.dtype)) + " != model kv dtype " +
+                                std::string(DTypeName(spec.kv_dtype)));
+  return Status::Ok();
+}
+
+SegmentInfo InfoOf(const Segment& s) {
+  SegmentInfo i;
+  i.key = s.key;
+  i.model = s.model;
+  i.parent = s.parent;
+  i.layout = s.layout;
+  i.pre_rope = s.pre_rope;
+  i.meta = s.meta;
+  i.payload_bytes = s.layout.NumBytes();
+  i.stored_bytes = s.layout.NumBytes();
+  return i;
+}
+
+Status CheckFingerprint(const Hash128& segment_model, const Hash128& expected) {
+  if (segment_model == expected) return Status::Ok();
+  return FailedPreconditionError("model fingerprint mismatch: segment was produced by model " + segment_model.ToHex() +
+                                 ", reader expects " + expected.ToHex());
+}
+
+}  // namespace kvagent
