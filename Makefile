@@ -18,7 +18,7 @@ LOCOMO ?= ../shared/data/locomo/locomo10_dev.json
 APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \
 	libsqlite3-dev libhiredis-dev redis-server
 
-.PHONY: all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
+.PHONY: pydev all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
 	demo gpu-test lint format clean bench
 
 all: build
@@ -71,6 +71,14 @@ tsan: deps-apt
 test-sanitize: asan tsan
 
 test: test-cpp test-py test-sanitize
+
+# In-tree development build of the extension without pip: build-py/ + a symlink in
+# python/kv_agent, used with PYTHONPATH=python (several work trees can share one venv).
+pydev: deps-apt
+	cmake -S . -B build-py -G Ninja -DKVAGENT_BUILD_PYTHON=ON -DKVAGENT_BUILD_TESTS=OFF -DKVAGENT_BUILD_BENCH=OFF \
+	  -DKVAGENT_CUDA=OFF -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build build-py -j $(JOBS)
+	cd python/kv_agent && ln -sf ../../build-py/bindings/$$(cd ../../build-py/bindings && ls _core*.so) .
 
 demo: build-py
 	$(PY) -m kv_agent.cli demo --locomo $(LOCOMO)
