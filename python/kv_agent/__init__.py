@@ -6,7 +6,7 @@ Python front door (AgentMemory, CacheManager) and the engine adapters.
 
 from __future__ import annotations
 
-from kv_agent import _core
+from kv_agent import _core  # noqa: F401
 from kv_agent._core import (  # noqa: F401
     DType,
     Hash128,
@@ -22,6 +22,7 @@ from kv_agent._core import (  # noqa: F401
     prefix_key,
     uniform_model_spec,
 )
+from kv_agent.api import AgentMemory, Answer, CacheManager, MemoryHit  # noqa: F401,E402
 from kv_agent.errors import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
