@@ -27,8 +27,12 @@ def short_date(date_time: str) -> str:
 
 @dataclass(frozen=True)
 class LocomoTemplate:
-    start_user: str = "<start_of_turn>user\n"
-    end_user: str = "<end_of_turn>\n<start_of_turn>model\n"
+    """Completion-style by default: the default model (Gemma 3 270M from PyPI) is the pretrained
+    base model, not the instruction-tuned one, so a plain "Question: ... Answer:" cue works better
+    than chat turns. Instruction-tuned models can pass their turn markers here."""
+
+    start_user: str = ""
+    end_user: str = ""
 
     def prefix(self, conv: Conversation) -> str:
         return self.start_user + INSTRUCTIONS.format(a=conv.speaker_a, b=conv.speaker_b) + "\n\n"
@@ -38,7 +42,7 @@ class LocomoTemplate:
         return f"[{short_date(turn.date_time)}] {turn.speaker}: {turn.text}\n"
 
     def suffix(self, q: Question) -> str:
-        return f"\nQuestion: {q.question}\nShort answer:" + self.end_user
+        return f"\nQuestion: {q.question}\n" + self.end_user + "Short answer:"
 
     @staticmethod
     def clean_answer(text: str) -> str:
