@@ -155,9 +155,10 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         systems = []
         for name in cfg.systems:
             if name == "kv-memory":
-                systems.append(KVMemorySystem("kv-memory", engine, tok, template, cfg))
+                base = KVMemorySystem("kv-memory", engine, tok, template, cfg)
+                systems.append(base)
                 for v in cfg.kv_variants:
-                    systems.append(KVMemorySystem(f"kv-memory[{v}]", engine, tok, template, cfg, variant=v))
+                    systems.append(KVMemorySystem(f"kv-memory[{v}]", engine, tok, template, cfg, variant=v, base=base))
             elif name in ALL_SYSTEMS:
                 systems.append(TextSystem(name, engine, tok, template, cfg))
             else:
@@ -169,6 +170,9 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                                                          **getattr(system, "footprint", {})}
             for q in tqdm(questions, desc=f"{conv.sample_id} {system.name}", leave=False, disable=not progress):
                 records.append(system.answer(q))
+        for system in reversed(systems):  # variants before the base whose memory they borrow
+            if hasattr(system, "close"):
+                system.close()
     config = {k: v for k, v in cfg.__dict__.items()}
     extra = {"ingest": ingest, "wall_s": time.perf_counter() - t_start}
     return write_outputs(Path(cfg.out), config, records, extra)
