@@ -131,7 +131,8 @@ def make_record(system, conv, q, pred, retrieved, used, ctx_tokens, prefill, reu
     return r
 
 
-def run(cfg: BenchConfig, progress: bool = True) -> dict:
+def run(cfg: BenchConfig, progress: bool = True, model_and_tokenizer=None) -> dict:
+    """Runs the benchmark; ``model_and_tokenizer`` overrides cfg.model (tests use tiny models)."""
     from tqdm.auto import tqdm
 
     from kv_agent.bench.kv_system import KVMemorySystem
@@ -145,7 +146,10 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         convs = [c for c in convs if c.sample_id in wanted]
     if cfg.max_conversations:
         convs = convs[: cfg.max_conversations]
-    model, tok = load_model(cfg.model) if cfg.model else load_default_model()
+    if model_and_tokenizer is not None:
+        model, tok = model_and_tokenizer
+    else:
+        model, tok = load_model(cfg.model) if cfg.model else load_default_model()
     engine = HFEngine(model, tok)
     template = LocomoTemplate()
     records: list[Record] = []
@@ -173,6 +177,6 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         for system in reversed(systems):  # variants before the base whose memory they borrow
             if hasattr(system, "close"):
                 system.close()
-    config = {k: v for k, v in cfg.__dict__.items()}
+    config = dict(cfg.__dict__)
     extra = {"ingest": ingest, "wall_s": time.perf_counter() - t_start}
     return write_outputs(Path(cfg.out), config, records, extra)
