@@ -1,0 +1,24 @@
+#include <memory>
+
+#include "kvagent/disk_tier.h"
+#include "kvagent/store.h"
+#include "store/tiered_store.h"
+
+namespace kvagent {
+
+StatusOr<std::unique_ptr<Store>> Store::Open(const StoreOptions& options) {
+  std::unique_ptr<DiskTier> disk;
+  if (!options.path.empty()) {
+    DiskTierOptions d;
+    d.dir = options.path;
+    d.capacity_bytes = options.disk_capacity_bytes;
+    d.max_file_bytes = options.max_file_bytes;
+    d.sync = options.sync;
+    d.codec = options.disk_codec;
+    d.env = options.env;
+    KVAGENT_ASSIGN_OR_RETURN(disk, DiskTier::Open(d));
+  }
+  return NewTieredStore(options, std::move(disk));
+}
+
+}  // namespace kvagent

@@ -1,0 +1,395 @@
+#include "store/tiered_store.h"
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <shared_mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+
+#include "kvagent/host_tier.h"
+
+namespace kvagent {
+
+namespace {
+
+// Mutations of one key (Put, Delete, and the disk-read-then-promote path of Get) are serialised
+// by a striped lock, so a promotion can never resurrect a key deleted meanwhile, and the host
+// tier and the write queue are updated in the same order for a key.
+constexpr size_t kStripes = 64;
+
+Status ClosedError() { return FailedPreconditionError("store is closed"); }
+
+class TieredStore final : public Store {
+ public:
+  TieredStore(const StoreOptions& options, std::unique_ptr<DiskTier> disk)
+      : options_(options), host_(options.host_capacity_bytes), disk_(std::move(disk)) {
+    if (options_.write_queue_limit == 0) options_.write_queue_limit = 1;
+    if (disk_ && options_.write_behind) writer_ = std::thread([this] { WriterLoop(); });
+  }
+  ~TieredStore() override { Close().IgnoreError(); }
+
+  Status Put(SegmentHandle segment) override;
+  StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) override;
+  StatusOr<SegmentInfo> Info(const Hash128& key) override;
+  bool Contains(const Hash128& key) override;
+  Status Delete(const Hash128& key) override;
+  std::vector<SegmentInfo> List(const SegmentFilter& filter) override;
+  Status Flush() override;
+  StoreStats Stats() override;
+  StatusOr<VerifyReport> Verify(ProgressFn progress) override;
+  StatusOr<CompactReport> Compact(ProgressFn progress) override;
+  Status Close() override;
+
+ private:
+  // The newest queued (or failed) disk operation for a key. segment == nullptr: a delete.
+  struct Pending {
+    SegmentHandle segment;
+    uint64_t seq = 0;
+    bool failed = false;  // the write failed; kept in memory until a Flush retries it
+  };
+  struct Op {
+    Hash128 key;
+    uint64_t seq;
+  };
+
+  std::mutex& StripeOf(const Hash128& key) { return stripes_[Hash128Hasher{}(key) % kStripes]; }
+  // Waits for a queue slot. FailedPrecondition when closing; the last write error when the
+  // queue is full of failed writes (waiting would never end).
+  Status WaitForSlotLocked(std::unique_lock<std::mutex>& lock);
+  void EnqueueLocked(const Hash128& key, SegmentHandle segment);
+  // Re-queues failed writes once and waits until everything queued so far is applied. Returns
+  // an error if writes are still failing.
+  Status DrainLocked(std::unique_lock<std::mutex>& lock);
+  void WriterLoop();
+  // The pending state of `key`: nullopt if no disk operation is queued or failed for it.
+  std::optional<SegmentHandle> PendingLookup(const Hash128& key);
+
+  StoreOptions options_;
+  HostTier host_;
+  std::unique_ptr<DiskTier> disk_;
+
+  // Shared by every call; Close takes it exclusively to drop the disk tier (and its lock on
+  // the directory) once no call uses it.
+  std::shared_mutex close_mu_;
+  bool closed_ = false;
+  std::mutex close_call_mu_;
+
+  std::array<std::mutex, kStripes> stripes_;
+
+  std::mutex mu_;  // guards everything below
+  std::condition_variable cv_;
+  std::deque<Op> queue_;
+  std::unordered_map<Hash128, Pending, Hash128Hasher> pending_;
+  uint64_t next_seq_ = 1;
+  uint64_t done_seq_ = 0;  // seq of the last op the writer finished; ops are applied in seq order
+  size_t failed_count_ = 0;
+  uint64_t write_errors_ = 0;
+  Status last_write_error_;
+  bool closing_ = false;
+  bool stop_ = false;
+  std::thread writer_;
+
+  std::atomic<uint64_t> promotions_{0};
+};
+
+Status TieredStore::Put(SegmentHandle segment) {
+  if (!segment) return InvalidArgumentError("null segment");
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  KVAGENT_RETURN_IF_ERROR(segment->Validate());
+  if (!disk_) return host_.Put(*segment).status();
+
+  if (options_.disk_capacity_bytes != 0 && segment->PayloadBytes() > options_.disk_capacity_bytes)
+    return ResourceExhaustedError("segment of " + std::to_string(segment->PayloadBytes()) +
+                                  " payload bytes exceeds the disk tier capacity of " +
+                                  std::to_string(options_.disk_capacity_bytes) + " bytes");
+  // The one copy of a Put, made before any lock is taken.
+  KVAGENT_ASSIGN_OR_RETURN(SegmentHandle copy, HostTier::OwnedCopy(*segment));
+  const Hash128 key = copy->key;
+  std::lock_guard<std::mutex> stripe(StripeOf(key));
+  if (!options_.write_behind) {
+    KVAGENT_RETURN_IF_ERROR(disk_->Put(*copy));
+  } else {
+    std::unique_lock<std::mutex> lock(mu_);
+    KVAGENT_RETURN_IF_ERROR(WaitForSlotLocked(lock));
+    EnqueueLocked(key, copy);
+  }
+  // A host tier too full of in-use segments only loses the cached copy; an older version of
+  // the key must not stay behind to shadow the new one.
+  if (!host_.Adopt(copy).ok()) host_.Erase(key);
+  return Status::Ok();
+}
+
+Status TieredStore::WaitForSlotLocked(std::unique_lock<std::mutex>& lock) {
+  for (;;) {
+    if (closing_) return ClosedError();
+    if (queue_.size() + failed_count_ < options_.write_queue_limit) return Status::Ok();
+    if (failed_count_ > 0)
+      return UnavailableError("write-behind queue is full of failed disk writes (" + std::to_string(failed_count_) +
+                              " segments kept in memory; Flush() retries them): " + last_write_error_.ToString());
+    cv_.wait(lock);
+  }
+}
+
+void TieredStore::EnqueueLocked(const Hash128& key, SegmentHandle segment) {
+  Pending& p = pending_[key];
+  if (p.failed) --failed_count_;
+  p = Pending{std::move(segment), next_seq_++, false};
+  queue_.push_back(Op{key, p.seq});
+  cv_.notify_all();
+}
+
+void TieredStore::WriterLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stop_ and drained
+    Op op = queue_.front();
+    queue_.pop_front();
+    auto it = pending_.find(op.key);
+    if (it == pending_.end() || it->second.seq != op.seq) {
+      // Superseded by a newer Put or Delete of the same key, which is queued behind this one.
+      done_seq_ = op.seq;
+      cv_.notify_all();
+      continue;
+    }
+    SegmentHandle segment = it->second.segment;
+    lock.unlock();
+    Status s;
+    if (segment) {
+      s = disk_->Put(*segment);
+    } else {
+      s = disk_->Delete(op.key);
+      if (s.code() == StatusCode::kNotFound) s = Status::Ok();
+    }
+    lock.lock();
+    done_seq_ = op.seq;
+    it = pending_.find(op.key);
+    if (it != pending_.end() && it->second.seq == op.seq) {
+      if (s.ok()) {
+        pending_.erase(it);
+      } else {
+        it->second.failed = true;
+        ++failed_count_;
+      }
+    }
+    if (!s.ok()) {
+      ++write_errors_;
+      last_write_error_ = s.WithContext(std::string(segment ? "write-behind put of " : "write-behind delete of ") +
+                                        op.key.ToHex());
+    }
+    cv_.notify_all();
+  }
+}
+
+Status TieredStore::DrainLocked(std::unique_lock<std::mutex>& lock) {
+  for (auto& [key, p] : pending_) {
+    if (!p.failed) continue;
+    p.failed = false;
+    --failed_count_;
+    p.seq = next_seq_++;
+    queue_.push_back(Op{key, p.seq});
+  }
+  cv_.notify_all();
+  const uint64_t target = next_seq_ - 1;
+  cv_.wait(lock, [&] { return done_seq_ >= target; });
+  if (failed_count_ > 0)
+    return UnavailableError(std::to_string(failed_count_) +
+                            " segments could not be written to disk (still served from memory; the next "
+                            "Flush retries them): " +
+                            last_write_error_.ToString());
+  return Status::Ok();
+}
+
+std::optional<SegmentHandle> TieredStore::PendingLookup(const Hash128& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = pending_.find(key);
+  if (it == pending_.end()) return std::nullopt;
+  return it->second.segment;
+}
+
+StatusOr<SegmentHandle> TieredStore::Get(const Hash128& key, const Hash128& model) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  if (SegmentHandle h = host_.Get(key)) {
+    KVAGENT_RETURN_IF_ERROR(CheckFingerprint(h->model, model));
+    return h;
+  }
+  if (!disk_) return NotFoundError("segment " + key.ToHex() + " not in store");
+  std::lock_guard<std::mutex> stripe(StripeOf(key));
+  if (std::optional<SegmentHandle> p = PendingLookup(key)) {
+    if (!*p) return NotFoundError("segment " + key.ToHex() + " was deleted");
+    KVAGENT_RETURN_IF_ERROR(CheckFingerprint((*p)->model, model));
+    return *p;
+  }
+  KVAGENT_ASSIGN_OR_RETURN(SegmentHandle h, disk_->Get(key, model));
+  if (host_.Adopt(h).ok()) promotions_.fetch_add(1, std::memory_order_relaxed);
+  return h;
+}
+
+StatusOr<SegmentInfo> TieredStore::Info(const Hash128& key) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  if (SegmentHandle h = host_.Peek(key)) return InfoOf(*h);
+  if (!disk_) return NotFoundError("segment " + key.ToHex() + " not in store");
+  if (std::optional<SegmentHandle> p = PendingLookup(key)) {
+    if (!*p) return NotFoundError("segment " + key.ToHex() + " was deleted");
+    return InfoOf(**p);
+  }
+  return disk_->Info(key);
+}
+
+bool TieredStore::Contains(const Hash128& key) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return false;
+  if (host_.Contains(key)) return true;
+  if (!disk_) return false;
+  if (std::optional<SegmentHandle> p = PendingLookup(key)) return *p != nullptr;
+  return disk_->Contains(key);
+}
+
+Status TieredStore::Delete(const Hash128& key) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  std::lock_guard<std::mutex> stripe(StripeOf(key));
+  const Status not_found = NotFoundError("segment " + key.ToHex() + " not in store");
+  if (!disk_) return host_.Erase(key) ? Status::Ok() : not_found;
+  if (!options_.write_behind) {
+    Status d = disk_->Delete(key);
+    if (!d.ok() && d.code() != StatusCode::kNotFound) return d;
+    bool in_host = host_.Erase(key);
+    return d.ok() || in_host ? Status::Ok() : not_found;
+  }
+  // Holding the stripe, nobody else can queue an operation for `key`, so the state read here
+  // stays current until the tombstone is queued.
+  std::optional<SegmentHandle> p = PendingLookup(key);
+  bool exists = p ? *p != nullptr : (host_.Contains(key) || disk_->Contains(key));
+  if (!exists) return not_found;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    KVAGENT_RETURN_IF_ERROR(WaitForSlotLocked(lock));
+    // Supersedes a queued write of the key (the writer skips it) and removes any older disk copy.
+    EnqueueLocked(key, nullptr);
+  }
+  host_.Erase(key);
+  return Status::Ok();
+}
+
+std::vector<SegmentInfo> TieredStore::List(const SegmentFilter& filter) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  std::vector<SegmentInfo> out;
+  if (closed_) return out;
+  std::map<Hash128, SegmentInfo> merged;
+  std::unordered_map<Hash128, SegmentHandle, Hash128Hasher> pending;
+  if (disk_) {
+    for (SegmentInfo& i : disk_->List(filter)) merged.emplace(i.key, std::move(i));
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [key, p] : pending_) pending.emplace(key, p.segment);
+  }
+  // Queued operations are newer than what the disk holds.
+  for (const auto& [key, segment] : pending) {
+    merged.erase(key);
+    if (segment) {
+      SegmentInfo info = InfoOf(*segment);
+      if (filter.Matches(info)) merged.emplace(key, std::move(info));
+    }
+  }
+  for (const SegmentHandle& h : host_.Snapshot()) {
+    if (merged.count(h->key) != 0 || pending.count(h->key) != 0) continue;
+    SegmentInfo info = InfoOf(*h);
+    if (filter.Matches(info)) merged.emplace(h->key, std::move(info));
+  }
+  out.reserve(merged.size());
+  for (auto& [key, info] : merged) out.push_back(std::move(info));
+  return out;
+}
+
+Status TieredStore::Flush() {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  if (!disk_) return Status::Ok();
+  Status drained;
+  if (options_.write_behind) {
+    std::unique_lock<std::mutex> lock(mu_);
+    drained = DrainLocked(lock);
+  }
+  Status synced = disk_->Sync();
+  return drained.ok() ? synced : drained;
+}
+
+StoreStats TieredStore::Stats() {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  StoreStats s;
+  s.host = host_.Stats();
+  s.promotions = promotions_.load(std::memory_order_relaxed);
+  if (disk_) {
+    s.has_disk = true;
+    s.disk = disk_->Stats();
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  s.write_queue_depth = queue_.size() + failed_count_;
+  s.write_errors = write_errors_;
+  return s;
+}
+
+StatusOr<VerifyReport> TieredStore::Verify(ProgressFn progress) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  if (!disk_) return FailedPreconditionError("store has no disk tier to verify (opened without a path)");
+  return disk_->Verify(std::move(progress));
+}
+
+StatusOr<CompactReport> TieredStore::Compact(ProgressFn progress) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  if (!disk_) return FailedPreconditionError("store has no disk tier to compact (opened without a path)");
+  return disk_->Compact(std::move(progress));
+}
+
+Status TieredStore::Close() {
+  std::lock_guard<std::mutex> once(close_call_mu_);
+  {
+    std::shared_lock<std::shared_mutex> open(close_mu_);
+    if (closed_) return Status::Ok();
+  }
+  Status result;
+  if (disk_) {
+    if (writer_.joinable()) {
+      std::unique_lock<std::mutex> lock(mu_);
+      closing_ = true;  // wakes Puts waiting for a slot; they fail, unacknowledged
+      result = DrainLocked(lock);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    if (writer_.joinable()) writer_.join();
+    Status synced = disk_->Sync();
+    if (result.ok()) result = synced;
+  }
+  std::unique_lock<std::shared_mutex> exclusive(close_mu_);
+  closed_ = true;
+  disk_.reset();
+  host_.Clear();
+  std::lock_guard<std::mutex> lock(mu_);
+  closing_ = true;
+  pending_.clear();
+  queue_.clear();
+  failed_count_ = 0;
+  return result;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Store>> NewTieredStore(const StoreOptions& options, std::unique_ptr<DiskTier> disk) {
+  if (disk && options.write_queue_limit > (1u << 20))
+    return InvalidArgumentError("write_queue_limit must be at most 1048576 segments");
+  return std::unique_ptr<Store>(new TieredStore(options, std::move(disk)));
+}
+
+}  // namespace kvagent
