@@ -42,7 +42,20 @@ struct DiskTierOptions {
   bool sync = true;                        // fdatasync every record before Put returns
   CodecKind codec = CodecKind::kRaw;       // encoding of payloads written from now on
   double compact_dead_ratio = 0.5;         // auto-compact when dead/total file bytes exceeds this
+  uint64_t compact_min_dead_bytes = 1ull << 20;  // ...and at least this many bytes are dead
   Env* env = nullptr;                      // nullptr = Env::Default()
+};
+
+// What Open found while recovering (records past the catalog's known end of each file).
+struct RecoveryReport {
+  uint64_t files = 0;             // segment files found
+  uint64_t scanned_bytes = 0;     // bytes read by the recovery scan
+  uint64_t records_indexed = 0;   // records (segments and tombstones) re-indexed by the scan
+  uint64_t corrupt_records = 0;   // records skipped (bad checksum, bad header, catalog entry past EOF)
+  uint64_t torn_tails = 0;        // incomplete tails cut off
+  uint64_t torn_bytes = 0;        // bytes cut off
+  bool catalog_rebuilt = false;   // the SQLite catalog was missing or unusable and was rebuilt
+  std::vector<std::string> problems;  // one line per corrupt record or torn tail
 };
 
 class DiskTier {
@@ -70,6 +83,9 @@ class DiskTier {
   virtual TierStats Stats() = 0;
   virtual StatusOr<VerifyReport> Verify(ProgressFn progress) = 0;
   virtual StatusOr<CompactReport> Compact(ProgressFn progress) = 0;
+
+  // What the last Open recovered (see RecoveryReport).
+  virtual RecoveryReport Recovery() = 0;
 };
 
 }  // namespace kvagent

@@ -101,6 +101,15 @@ class Env {
 // from the default Env. For tests and ephemeral stores.
 std::unique_ptr<Env> NewMemEnv();
 
+// MemEnv options. capacity_bytes > 0 makes the in-memory file system that large: FreeSpace
+// reports capacity minus the bytes in all files, and an Append that would exceed it appends
+// what fits and returns ResourceExhausted (like a full disk). 0 = unbounded (FreeSpace then
+// reports 1 TiB).
+struct MemEnvOptions {
+  uint64_t capacity_bytes = 0;
+};
+std::unique_ptr<Env> NewMemEnv(const MemEnvOptions& options);
+
 // Reads the whole file at `path`.
 StatusOr<std::string> ReadFileToString(Env* env, const std::string& path);
 // Writes `data` to `path` (truncating), syncs it, and syncs the directory when `sync` is set.

@@ -1,0 +1,451 @@
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+
+#include "store/disk_tier_impl.h"
+
+namespace kvagent {
+
+StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& options) {
+  return disk::DiskTierImpl::OpenImpl(options);
+}
+
+namespace disk {
+
+namespace {
+
+constexpr std::byte kZeros[kAlign] = {};
+
+std::span<const std::byte> AsBytes(const std::string& s) {
+  return std::as_bytes(std::span<const char>(s.data(), s.size()));
+}
+
+bool Before(const RecordLocation& a, const RecordLocation& b) {
+  return a.file_no != b.file_no ? a.file_no < b.file_no : a.offset < b.offset;
+}
+
+}  // namespace
+
+DiskTierImpl::DiskTierImpl(const DiskTierOptions& options)
+    : opts_(options), env_(options.env ? options.env : Env::Default()), dir_(options.dir) {
+  while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
+}
+
+DiskTierImpl::~DiskTierImpl() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (active_) {
+    if (opts_.sync) active_->Sync().IgnoreError();
+    active_->Close().IgnoreError();
+  }
+}
+
+std::string DiskTierImpl::FilePath(uint64_t file_no) const {
+  char name[48];
+  std::snprintf(name, sizeof(name), "segments-%06" PRIu64 ".kvs", file_no);
+  return dir_ + "/" + name;
+}
+
+// ---------------------------------------------------------------- writing
+
+Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
+  if (active_ && active_->Size() > 0 && active_->Size() + record_len > opts_.max_file_bytes) {
+    Status s = opts_.sync ? active_->Sync() : Status::Ok();
+    active_->Close().IgnoreError();
+    active_.reset();
+    active_no_ = 0;
+    KVAGENT_RETURN_IF_ERROR(s);
+  }
+  if (active_) return Status::Ok();
+  // Reuse the newest file if it has room (after a reopen), else start a new one.
+  if (!files_.empty()) {
+    auto& [no, fi] = *files_.rbegin();
+    if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size + record_len <= opts_.max_file_bytes) {
+      KVAGENT_ASSIGN_OR_RETURN(active_, env_->NewAppendableFile(fi.path));
+      if (active_->Size() != fi.size) {
+        // Someone else changed the file; never append behind unknown bytes.
+        active_.reset();
+      } else {
+        active_no_ = no;
+        return Status::Ok();
+      }
+    }
+  }
+  uint64_t no = next_file_no_;
+  std::string path = FilePath(no);
+  KVAGENT_ASSIGN_OR_RETURN(active_, env_->NewWritableFile(path));
+  Status s = env_->SyncDir(dir_);
+  auto reader = env_->NewRandomAccessFile(path);
+  if (!s.ok() || !reader.ok()) {
+    active_.reset();
+    env_->RemoveFile(path).IgnoreError();
+    return s.ok() ? reader.status() : s;
+  }
+  ++next_file_no_;
+  active_no_ = no;
+  files_[no] = FileInfo{path, std::shared_ptr<RandomAccessFile>(std::move(reader).value()), 0, false};
+  return Status::Ok();
+}
+
+void DiskTierImpl::RollbackActiveLocked(uint64_t file_no, uint64_t old_size) {
+  if (active_) active_->Close().IgnoreError();
+  active_.reset();
+  active_no_ = 0;
+  FileInfo& fi = files_[file_no];
+  Status s = env_->TruncateFile(fi.path, old_size);
+  auto size = env_->GetFileSize(fi.path);
+  uint64_t now = size.ok() ? *size : old_size;
+  file_bytes_ = file_bytes_ - fi.size + now;
+  fi.size = now;
+  // A file holding bytes we could not cut is never appended to again (a new file is started);
+  // the next Open's scan reports and cuts them.
+  if (!s.ok() || now != old_size) fi.sealed = true;
+}
+
+Status DiskTierImpl::AppendLocked(std::span<const std::byte> prefix, std::span<const std::byte> payload,
+                                  uint64_t record_len, uint64_t* file_no, uint64_t* offset) {
+  auto free = env_->FreeSpace(dir_);
+  if (free.ok() && *free < record_len)
+    return ResourceExhaustedError("disk tier " + dir_ + ": " + std::to_string(*free) + " bytes free, record needs " +
+                                  std::to_string(record_len));
+  KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(record_len));
+  const uint64_t no = active_no_;
+  const uint64_t start = active_->Size();
+  uint64_t pad = record_len - prefix.size() - payload.size();
+  Status s = active_->Append(prefix);
+  if (s.ok() && !payload.empty()) s = active_->Append(payload);
+  if (s.ok() && pad > 0) s = active_->Append(std::span<const std::byte>(kZeros, pad));
+  if (s.ok() && opts_.sync) s = active_->Sync();
+  if (!s.ok()) {
+    RollbackActiveLocked(no, start);
+    return s.WithContext("disk tier append");
+  }
+  FileInfo& fi = files_[no];
+  file_bytes_ += active_->Size() - fi.size;
+  fi.size = active_->Size();
+  pending_ends_[no] = fi.size;
+  *file_no = no;
+  *offset = start;
+  return Status::Ok();
+}
+
+Status DiskTierImpl::WriteTombstonesLocked(const std::vector<Hash128>& keys) {
+  if (keys.empty()) return Status::Ok();
+  std::string buf;
+  for (const auto& k : keys) buf += BuildTombstone(k).prefix;
+  uint64_t no = 0, off = 0;
+  return AppendLocked(AsBytes(buf), {}, buf.size(), &no, &off);
+}
+
+void DiskTierImpl::InsertLocked(const Hash128& key, const RecordLocation& loc, const SegmentInfo& info) {
+  auto it = index_.find(key);
+  if (it != index_.end()) {
+    live_bytes_ -= it->second.loc.record_len;
+    lru_.erase(it->second.lru);
+    index_.erase(it);
+  }
+  lru_.push_front(key);
+  index_.emplace(key, Entry{loc, info, lru_.begin()});
+  live_bytes_ += loc.record_len;
+}
+
+void DiskTierImpl::EraseLocked(const Hash128& key) {
+  auto it = index_.find(key);
+  if (it == index_.end()) return;
+  live_bytes_ -= it->second.loc.record_len;
+  lru_.erase(it->second.lru);
+  index_.erase(it);
+}
+
+void DiskTierImpl::EvictLocked(const Hash128& keep) {
+  if (opts_.capacity_bytes == 0) return;
+  std::vector<Hash128> victims;
+  while (live_bytes_ > opts_.capacity_bytes && !lru_.empty()) {
+    Hash128 victim = lru_.back();
+    if (victim == keep && lru_.size() == 1) break;
+    if (victim == keep) {  // never evict the record just written
+      lru_.splice(lru_.begin(), lru_, std::prev(lru_.end()));
+      continue;
+    }
+    EraseLocked(victim);
+    victims.push_back(victim);
+    ++evictions_;
+  }
+  // Tombstones make the evictions survive a reopen; if they cannot be written the records
+  // come back after a reopen and are evicted again then.
+  WriteTombstonesLocked(victims).IgnoreError();
+  CommitCatalogLocked({}, victims);
+}
+
+void DiskTierImpl::CommitCatalogLocked(const std::vector<Hash128>& upserts, const std::vector<Hash128>& removes) {
+  if (!catalog_ok_) {
+    pending_ends_.clear();
+    return;
+  }
+  Status s = catalog_->Begin();
+  for (const auto& k : removes)
+    if (s.ok()) s = catalog_->Remove(k);
+  for (const auto& k : upserts) {
+    if (!s.ok()) break;
+    auto it = index_.find(k);
+    if (it != index_.end()) s = catalog_->Upsert(CatalogEntry{it->second.loc, it->second.info});
+  }
+  for (const auto& [no, end] : pending_ends_)
+    if (s.ok()) s = catalog_->SetFileEnd(no, end);
+  if (s.ok()) s = catalog_->Commit();
+  if (!s.ok()) {
+    catalog_->Rollback();
+    catalog_ok_ = false;
+  }
+  pending_ends_.clear();
+}
+
+Status DiskTierImpl::Put(const Segment& segment) {
+  KVAGENT_RETURN_IF_ERROR(segment.Validate());
+  const CodecKind codec = opts_.codec;
+  std::vector<std::byte> encoded;
+  std::span<const std::byte> payload = segment.payload->span();
+  if (codec != CodecKind::kRaw) {
+    encoded.resize(EncodedSize(segment.layout, codec));
+    KVAGENT_RETURN_IF_ERROR(EncodePayload(segment.layout, codec, payload, encoded));
+    payload = encoded;
+  }
+  EncodedRecord rec = BuildSegmentRecord(segment, codec, payload);
+  const uint64_t record_len = rec.header.record_len;
+  if (opts_.capacity_bytes > 0 && record_len > opts_.capacity_bytes)
+    return ResourceExhaustedError("segment record of " + std::to_string(record_len) +
+                                  " bytes exceeds the disk tier capacity of " + std::to_string(opts_.capacity_bytes));
+  SegmentInfo info = InfoOf(segment);
+  info.stored_bytes = record_len;
+
+  std::lock_guard<std::mutex> l(mu_);
+  RecordLocation loc;
+  KVAGENT_RETURN_IF_ERROR(AppendLocked(AsBytes(rec.prefix), payload, record_len, &loc.file_no, &loc.offset));
+  loc.record_len = record_len;
+  loc.payload_offset = rec.header.payload_offset;
+  loc.payload_len = rec.header.payload_len;
+  loc.payload_checksum = rec.header.payload_checksum;
+  loc.codec = codec;
+  InsertLocked(segment.key, loc, info);
+  ++puts_;
+  CommitCatalogLocked({segment.key}, {});
+  EvictLocked(segment.key);
+  MaybeAutoCompactLocked();
+  return Status::Ok();
+}
+
+Status DiskTierImpl::Delete(const Hash128& key) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (index_.find(key) == index_.end()) return NotFoundError("disk tier: no segment " + key.ToHex());
+  KVAGENT_RETURN_IF_ERROR(WriteTombstonesLocked({key}));
+  EraseLocked(key);
+  CommitCatalogLocked({}, {key});
+  MaybeAutoCompactLocked();
+  return Status::Ok();
+}
+
+void DiskTierImpl::MaybeAutoCompactLocked() {
+  uint64_t dead = file_bytes_ - live_bytes_;
+  if (dead < opts_.compact_min_dead_bytes || file_bytes_ == 0) return;
+  if (static_cast<double>(dead) <= opts_.compact_dead_ratio * static_cast<double>(file_bytes_)) return;
+  // A failed automatic compaction leaves the old files in place; the data stays readable.
+  CompactLocked(nullptr).status().IgnoreError();
+}
+
+// ---------------------------------------------------------------- reading
+
+StatusOr<DiskTierImpl::ReadTicket> DiskTierImpl::TicketFor(const Hash128& key, const Hash128* model) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = index_.find(key);
+  if (it == index_.end()) {
+    ++misses_;
+    return NotFoundError("disk tier: no segment " + key.ToHex());
+  }
+  if (model) KVAGENT_RETURN_IF_ERROR(CheckFingerprint(it->second.info.model, *model));
+  auto f = files_.find(it->second.loc.file_no);
+  if (f == files_.end()) return InternalError("disk tier: segment file of " + key.ToHex() + " is missing");
+  lru_.splice(lru_.begin(), lru_, it->second.lru);
+  return ReadTicket{it->second.loc, it->second.info, f->second.reader};
+}
+
+Status DiskTierImpl::ReadMeta(const ReadTicket& t, Segment* seg) const {
+  std::string buf(t.loc.payload_offset, '\0');
+  auto dst = std::as_writable_bytes(std::span<char>(buf.data(), buf.size()));
+  size_t n = 0;
+  KVAGENT_RETURN_IF_ERROR(t.reader->Read(t.loc.offset, dst, &n));
+  if (n != buf.size()) return DataLossError("record truncated (header and metadata)");
+  RecordHeader h;
+  KVAGENT_RETURN_IF_ERROR(DecodeHeader(dst, &h));
+  if (h.kind != RecordKind::kSegment || h.key != t.info.key || h.model != t.info.model ||
+      h.record_len != t.loc.record_len || h.payload_offset != t.loc.payload_offset ||
+      h.payload_len != t.loc.payload_len || h.payload_checksum != t.loc.payload_checksum || h.codec != t.loc.codec ||
+      !(h.layout == t.info.layout))
+    return DataLossError("record header disagrees with the catalog");
+  std::string_view meta(buf.data() + kHeaderSize, h.meta_len);
+  if (Checksum64(std::as_bytes(std::span<const char>(meta.data(), meta.size()))) != h.meta_checksum) return DataLossError("record metadata checksum mismatch");
+  seg->key = h.key;
+  seg->model = h.model;
+  seg->layout = h.layout;
+  seg->pre_rope = h.pre_rope;
+  return DecodeMeta(meta, h.layout.num_tokens, seg);
+}
+
+Status DiskTierImpl::ReadPayloadInto(const ReadTicket& t, std::span<std::byte> dst) const {
+  std::vector<std::byte> encoded;
+  std::span<std::byte> target = dst;
+  if (t.loc.codec != CodecKind::kRaw) {
+    encoded.resize(t.loc.payload_len);
+    target = encoded;
+  } else if (dst.size() != t.loc.payload_len) {
+    return DataLossError("record payload length disagrees with its layout");
+  }
+  size_t n = 0;
+  KVAGENT_RETURN_IF_ERROR(t.reader->Read(t.loc.offset + t.loc.payload_offset, target, &n));
+  if (n != target.size()) return DataLossError("record truncated (payload)");
+  if (Checksum64(target) != t.loc.payload_checksum) return DataLossError("record payload checksum mismatch");
+  if (t.loc.codec != CodecKind::kRaw) return DecodePayload(t.info.layout, t.loc.codec, encoded, dst);
+  return Status::Ok();
+}
+
+void DiskTierImpl::Quarantine(const Hash128& key, const RecordLocation& loc, const Status& why) {
+  (void)why;
+  std::lock_guard<std::mutex> l(mu_);
+  ++corrupt_;
+  auto it = index_.find(key);
+  if (it == index_.end() || it->second.loc.file_no != loc.file_no || it->second.loc.offset != loc.offset) return;
+  EraseLocked(key);
+  // The tombstone keeps an older version of the key from resurfacing on the next scan.
+  WriteTombstonesLocked({key}).IgnoreError();
+  CommitCatalogLocked({}, {key});
+}
+
+StatusOr<SegmentHandle> DiskTierImpl::Get(const Hash128& key, const Hash128& model) {
+  KVAGENT_ASSIGN_OR_RETURN(ReadTicket t, TicketFor(key, &model));
+  auto seg = std::make_shared<Segment>();
+  Status s = ReadMeta(t, seg.get());
+  if (s.ok()) {
+    auto buf = Buffer::Allocate(t.info.payload_bytes);
+    if (!buf.ok()) return buf.status();
+    seg->payload = std::move(buf).value();
+    s = ReadPayloadInto(t, seg->payload->span());
+  }
+  if (!s.ok()) {
+    if (s.code() == StatusCode::kDataLoss) Quarantine(key, t.loc, s);
+    return s.WithContext("disk tier: segment " + key.ToHex());
+  }
+  ++hits_;
+  return SegmentHandle(std::move(seg));
+}
+
+Status DiskTierImpl::ReadPayload(const Hash128& key, const Hash128& model, std::span<std::byte> dst) {
+  KVAGENT_ASSIGN_OR_RETURN(ReadTicket t, TicketFor(key, &model));
+  if (dst.size() != t.info.payload_bytes)
+    return InvalidArgumentError("ReadPayload: destination has " + std::to_string(dst.size()) + " bytes, segment has " +
+                                std::to_string(t.info.payload_bytes));
+  Status s = ReadPayloadInto(t, dst);
+  if (!s.ok()) {
+    if (s.code() == StatusCode::kDataLoss) Quarantine(key, t.loc, s);
+    return s.WithContext("disk tier: segment " + key.ToHex());
+  }
+  ++hits_;
+  return Status::Ok();
+}
+
+StatusOr<SegmentInfo> DiskTierImpl::Info(const Hash128& key) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = index_.find(key);
+  if (it == index_.end()) return NotFoundError("disk tier: no segment " + key.ToHex());
+  return it->second.info;
+}
+
+bool DiskTierImpl::Contains(const Hash128& key) {
+  std::lock_guard<std::mutex> l(mu_);
+  return index_.count(key) > 0;
+}
+
+std::vector<SegmentInfo> DiskTierImpl::List(const SegmentFilter& filter) {
+  std::vector<std::pair<RecordLocation, SegmentInfo>> hits;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& [k, e] : index_)
+      if (filter.Matches(e.info)) hits.emplace_back(e.loc, e.info);
+  }
+  std::sort(hits.begin(), hits.end(), [](const auto& a, const auto& b) { return Before(a.first, b.first); });
+  std::vector<SegmentInfo> out;
+  out.reserve(hits.size());
+  for (auto& h : hits) out.push_back(std::move(h.second));
+  return out;
+}
+
+Status DiskTierImpl::Sync() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (!active_) return Status::Ok();
+  return active_->Sync();
+}
+
+TierStats DiskTierImpl::Stats() {
+  std::lock_guard<std::mutex> l(mu_);
+  TierStats s;
+  s.hits = hits_;
+  s.misses = misses_;
+  s.puts = puts_;
+  s.evictions = evictions_;
+  s.segments = index_.size();
+  s.bytes = live_bytes_;
+  s.capacity_bytes = opts_.capacity_bytes;
+  s.file_bytes = file_bytes_;
+  s.corrupt_records = corrupt_ + recovery_.corrupt_records;
+  return s;
+}
+
+RecoveryReport DiskTierImpl::Recovery() {
+  std::lock_guard<std::mutex> l(mu_);
+  return recovery_;
+}
+
+StatusOr<VerifyReport> DiskTierImpl::Verify(ProgressFn progress) {
+  std::vector<std::pair<Hash128, ReadTicket>> todo;
+  uint64_t total = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& [k, e] : index_) {
+      auto f = files_.find(e.loc.file_no);
+      todo.emplace_back(k, ReadTicket{e.loc, e.info, f == files_.end() ? nullptr : f->second.reader});
+      total += e.loc.record_len;
+    }
+  }
+  std::sort(todo.begin(), todo.end(), [](const auto& a, const auto& b) { return Before(a.second.loc, b.second.loc); });
+  VerifyReport r;
+  uint64_t done = 0;
+  std::vector<std::byte> payload;
+  for (const auto& [key, t] : todo) {
+    ++r.records;
+    Status s = t.reader ? Status::Ok() : DataLossError("segment file missing");
+    Segment seg;
+    if (s.ok()) s = ReadMeta(t, &seg);
+    if (s.ok()) {
+      payload.resize(t.info.payload_bytes);
+      s = ReadPayloadInto(t, payload);
+    }
+    if (s.ok()) {
+      ++r.ok;
+      r.bytes += t.loc.record_len;
+    } else {
+      ++r.corrupt;
+      r.problems.push_back("segment " + key.ToHex() + " in " + FilePath(t.loc.file_no) + " at offset " +
+                           std::to_string(t.loc.offset) + ": " + s.ToString());
+      if (s.code() == StatusCode::kDataLoss) Quarantine(key, t.loc, s);
+    }
+    done += t.loc.record_len;
+    if (progress) progress(done, total);
+  }
+  return r;
+}
+
+StatusOr<CompactReport> DiskTierImpl::Compact(ProgressFn progress) {
+  std::lock_guard<std::mutex> l(mu_);
+  return CompactLocked(progress);
+}
+
+}  // namespace disk
+}  // namespace kvagent

@@ -1,0 +1,121 @@
+// The DiskTier implementation class, shared by disk_tier.cc (reads and writes),
+// disk_tier_open.cc (recovery) and disk_tier_compact.cc (compaction).
+#pragma once
+
+#include <atomic>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kvagent/disk_tier.h"
+#include "store/catalog.h"
+#include "store/record.h"
+
+namespace kvagent::disk {
+
+class DiskTierImpl final : public DiskTier {
+ public:
+  static StatusOr<std::unique_ptr<DiskTier>> OpenImpl(const DiskTierOptions& options);
+  ~DiskTierImpl() override;
+
+  Status Put(const Segment& segment) override;
+  StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) override;
+  Status ReadPayload(const Hash128& key, const Hash128& model, std::span<std::byte> dst) override;
+  StatusOr<SegmentInfo> Info(const Hash128& key) override;
+  bool Contains(const Hash128& key) override;
+  Status Delete(const Hash128& key) override;
+  std::vector<SegmentInfo> List(const SegmentFilter& filter) override;
+  Status Sync() override;
+  TierStats Stats() override;
+  StatusOr<VerifyReport> Verify(ProgressFn progress) override;
+  StatusOr<CompactReport> Compact(ProgressFn progress) override;
+  RecoveryReport Recovery() override;
+
+ private:
+  struct FileInfo {
+    std::string path;
+    std::shared_ptr<RandomAccessFile> reader;
+    uint64_t size = 0;
+    bool sealed = false;  // never append (holds bytes a failed append could not cut)
+  };
+  struct Entry {
+    RecordLocation loc;
+    SegmentInfo info;
+    std::list<Hash128>::iterator lru;
+  };
+  // What a reader needs, copied out under the lock so the read itself runs unlocked.
+  struct ReadTicket {
+    RecordLocation loc;
+    SegmentInfo info;
+    std::shared_ptr<RandomAccessFile> reader;
+  };
+
+  explicit DiskTierImpl(const DiskTierOptions& options);
+
+  std::string FilePath(uint64_t file_no) const;
+
+  // --- recovery (disk_tier_open.cc) ---
+  Status Recover();
+  Status LoadCatalog(std::vector<CatalogEntry>* entries, std::map<uint64_t, uint64_t>* ends);
+  // Scans `file_no` from `start`, applying records to the index; cuts a torn tail.
+  Status ScanFile(uint64_t file_no, uint64_t start);
+  void ApplyScanned(const RecordHeader& h, uint64_t file_no, uint64_t offset, const Segment* meta);
+
+  // --- writing (disk_tier.cc), all with mu_ held ---
+  // Appends one record (prefix, payload, zero padding) and syncs when options.sync. On any
+  // error the file is cut back to its previous length, so the tier is unchanged.
+  Status AppendLocked(std::span<const std::byte> prefix, std::span<const std::byte> payload, uint64_t record_len,
+                      uint64_t* file_no, uint64_t* offset);
+  Status EnsureActiveLocked(uint64_t record_len);
+  void RollbackActiveLocked(uint64_t file_no, uint64_t old_size);
+  Status WriteTombstonesLocked(const std::vector<Hash128>& keys);
+  void InsertLocked(const Hash128& key, const RecordLocation& loc, const SegmentInfo& info);
+  void EraseLocked(const Hash128& key);
+  // Evicts least recently used records until live bytes fit the capacity.
+  void EvictLocked(const Hash128& keep);
+  // Persists pending catalog changes in one transaction; on failure the catalog is left
+  // behind (the next Open rescans) and stops being updated for this session.
+  void CommitCatalogLocked(const std::vector<Hash128>& upserts, const std::vector<Hash128>& removes);
+  void MaybeAutoCompactLocked();
+  StatusOr<CompactReport> CompactLocked(const ProgressFn& progress);
+
+  // --- reading (disk_tier.cc), without mu_ ---
+  StatusOr<ReadTicket> TicketFor(const Hash128& key, const Hash128* model);
+  // Reads header + metadata, verifies them against the ticket and fills `seg`.
+  Status ReadMeta(const ReadTicket& t, Segment* seg) const;
+  // Reads and verifies the payload, decoding into `dst` (canonical bytes).
+  Status ReadPayloadInto(const ReadTicket& t, std::span<std::byte> dst) const;
+  // Drops a record found corrupt from the index (and writes a tombstone, best effort).
+  void Quarantine(const Hash128& key, const RecordLocation& loc, const Status& why);
+
+  DiskTierOptions opts_;
+  Env* env_;
+  std::string dir_;
+  std::unique_ptr<FileLock> lock_;
+
+  std::mutex mu_;
+  std::unique_ptr<Catalog> catalog_;
+  bool catalog_ok_ = true;
+  std::map<uint64_t, FileInfo> files_;
+  std::map<uint64_t, uint64_t> pending_ends_;  // files appended to since the last catalog commit
+  std::unique_ptr<WritableFile> active_;
+  uint64_t active_no_ = 0;  // 0: no file open for appending
+  uint64_t next_file_no_ = 1;
+  std::unordered_map<Hash128, Entry, Hash128Hasher> index_;
+  std::list<Hash128> lru_;  // front = most recently used
+  uint64_t live_bytes_ = 0;
+  uint64_t file_bytes_ = 0;
+  uint64_t puts_ = 0;
+  uint64_t evictions_ = 0;
+  RecoveryReport recovery_;
+
+  std::atomic<uint64_t> hits_{0};
+  std::atomic<uint64_t> misses_{0};
+  std::atomic<uint64_t> corrupt_{0};
+};
+
+}  // namespace kvagent::disk
