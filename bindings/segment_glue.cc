@@ -70,13 +70,27 @@ void CopyPlane(const ArrayRef& a, int64_t src_off, int64_t tok_stride, int64_t d
 std::string DlDTypeName(DlDType t) {
   std::string base;
   switch (t.code) {
-    case 0: base = "int"; break;
-    case 1: base = "uint"; break;
-    case 2: base = "float"; break;
-    case 4: base = "bfloat"; break;
-    case 5: base = "complex"; break;
-    case 6: base = "bool"; break;
-    default: base = "dlpack_code" + std::to_string(t.code) + "_"; break;
+    case 0:
+      base = "int";
+      break;
+    case 1:
+      base = "uint";
+      break;
+    case 2:
+      base = "float";
+      break;
+    case 4:
+      base = "bfloat";
+      break;
+    case 5:
+      base = "complex";
+      break;
+    case 6:
+      base = "bool";
+      break;
+    default:
+      base = "dlpack_code" + std::to_string(t.code) + "_";
+      break;
   }
   std::string s = t.code == 6 ? base : base + std::to_string(t.bits);
   if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
@@ -95,10 +109,14 @@ StatusOr<DType> PayloadDTypeOf(DlDType t, std::string_view what) {
 
 DlDType DlDTypeOf(DType t) {
   switch (t) {
-    case DType::kF16: return {2, 16, 1};
-    case DType::kBF16: return {4, 16, 1};
-    case DType::kI8: return {0, 8, 1};
-    case DType::kF32: break;
+    case DType::kF16:
+      return {2, 16, 1};
+    case DType::kBF16:
+      return {4, 16, 1};
+    case DType::kI8:
+      return {0, 8, 1};
+    case DType::kF32:
+      break;
   }
   return {2, 32, 1};
 }

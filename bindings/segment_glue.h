@@ -25,7 +25,7 @@ namespace kvagent::py {
 
 // DLPack element type: (type code, bits, lanes) as in DLDataType.
 struct DlDType {
-  uint8_t code = 0;   // 0 int, 1 uint, 2 float, 4 bfloat, ...
+  uint8_t code = 0;  // 0 int, 1 uint, 2 float, 4 bfloat, ...
   uint8_t bits = 0;
   uint16_t lanes = 1;
 };
@@ -70,7 +70,7 @@ struct SegmentFields {
   std::optional<std::vector<int64_t>> positions;  // absent: 0 .. num_tokens-1
   SegmentMeta meta;
   Hash128 model;
-  std::optional<Hash128> key;     // absent: MemoryKey(meta.ns, meta.session, meta.turn, meta.chunk)
+  std::optional<Hash128> key;  // absent: MemoryKey(meta.ns, meta.session, meta.turn, meta.chunk)
   Hash128 parent;
   bool pre_rope = true;
   std::string summary;
@@ -79,8 +79,7 @@ struct SegmentFields {
 
 // Assembles and validates a segment. InvalidArgument (or FailedPrecondition from
 // ValidateFor) describes the first problem; nothing is kept on error.
-StatusOr<SegmentHandle> MakeSegment(SegmentFields fields, const SegmentLayout& layout,
-                                    std::shared_ptr<Buffer> payload);
+StatusOr<SegmentHandle> MakeSegment(SegmentFields fields, const SegmentLayout& layout, std::shared_ptr<Buffer> payload);
 
 // Layout as text: "layers=2 kv_heads=4 tokens=7 head_dim=16 dtype=bf16".
 std::string LayoutString(const SegmentLayout& layout);

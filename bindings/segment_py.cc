@@ -45,7 +45,8 @@ AnyArray ImportArray(nb::handle obj, const char* what) {
   if (!nb::try_cast(obj, a, /*convert=*/false)) {
     std::string type = nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())))));
     std::string hint;
-    if (nb::hasattr(obj, "requires_grad") && nb::cast<bool>(obj.attr("requires_grad"))) hint = " (call .detach() first)";
+    if (nb::hasattr(obj, "requires_grad") && nb::cast<bool>(obj.attr("requires_grad")))
+      hint = " (call .detach() first)";
     Raise(InvalidArgumentError(std::string(what) + " must be a numpy array or a torch tensor (DLPack), got " + type +
                                hint));
   }
@@ -147,7 +148,7 @@ void InitSegment(PySegment* self, nb::handle kv, nb::handle k, nb::handle v, std
                  std::optional<Hash128> parent, std::optional<SegmentMeta> meta, std::optional<std::string> ns,
                  std::optional<std::string> agent, std::optional<std::string> session, std::optional<int64_t> turn,
                  std::optional<int32_t> chunk, std::optional<std::string> role, std::optional<std::string> text,
-                 std::optional<int64_t> time_us, bool pre_rope, nb::bytes summary, bool copy) {
+                 std::optional<int64_t> time_us, bool pre_rope, nb::bytes summary, std::optional<bool> copy) {
   SegmentFields f;
   f.tokens = std::move(tokens);
   f.positions = std::move(positions);
@@ -183,8 +184,9 @@ void InitSegment(PySegment* self, nb::handle kv, nb::handle k, nb::handle v, std
   const bool have_kv = !kv.is_none();
   const bool have_k = !k.is_none(), have_v = !v.is_none();
   if (have_kv == (have_k || have_v) || have_k != have_v)
-    Raise(InvalidArgumentError("pass either kv=[layers, 2, kv_heads, tokens, head_dim] or both k= and v= "
-                               "[layers, kv_heads, tokens, head_dim]"));
+    Raise(
+        InvalidArgumentError("pass either kv=[layers, 2, kv_heads, tokens, head_dim] or both k= and v= "
+                             "[layers, kv_heads, tokens, head_dim]"));
 
   auto keep = std::make_unique<Keep>();
   ArrayRef ra, rb;
@@ -205,12 +207,12 @@ void InitSegment(PySegment* self, nb::handle kv, nb::handle k, nb::handle v, std
   }
 
   std::shared_ptr<Buffer> payload;
-  if (!copy) {
-    if (base == nullptr)
-      Raise(InvalidArgumentError(
-          std::string("copy=False needs ") +
-          (have_kv ? "a C-contiguous kv array" : "k and v to be the halves kv[:, 0], kv[:, 1] of one C-contiguous kv") +
-          " in the canonical layout [layers, 2, kv_heads, tokens, head_dim]; pass copy=True"));
+  if (copy == false && base == nullptr)
+    Raise(InvalidArgumentError(
+        std::string("copy=False needs ") +
+        (have_kv ? "a C-contiguous kv array" : "k and v to be the halves kv[:, 0], kv[:, 1] of one C-contiguous kv") +
+        " in the canonical layout [layers, 2, kv_heads, tokens, head_dim]; pass copy=True or None"));
+  if (copy != true && base != nullptr) {
     Keep* raw = keep.release();
     payload = Buffer::Wrap(const_cast<std::byte*>(base), layout.NumBytes(), ReleaseWithGil(raw));
   } else {
@@ -274,11 +276,12 @@ void RegisterSegment(nb::module_& m) {
       .def_rw("head_dim", &SegmentLayout::head_dim)
       .def_rw("num_tokens", &SegmentLayout::num_tokens)
       .def_rw("dtype", &SegmentLayout::dtype)
-      .def_prop_ro("shape",
-                   [](const SegmentLayout& l) {
-                     return nb::make_tuple(l.num_layers, 2, l.num_kv_heads, l.num_tokens, l.head_dim);
-                   },
-                   "(layers, 2, kv_heads, tokens, head_dim)")
+      .def_prop_ro(
+          "shape",
+          [](const SegmentLayout& l) {
+            return nb::make_tuple(l.num_layers, 2, l.num_kv_heads, l.num_tokens, l.head_dim);
+          },
+          "(layers, 2, kv_heads, tokens, head_dim)")
       .def_prop_ro("nbytes", &SegmentLayout::NumBytes)
       .def("to_dict", &LayoutDict)
       .def("__eq__", [](const SegmentLayout& a, const SegmentLayout& b) { return a == b; })
@@ -297,11 +300,12 @@ void RegisterSegment(nb::module_& m) {
       .def_ro("stored_bytes", &SegmentInfo::stored_bytes, "Bytes in the tier holding it (after the codec).")
       .def("to_dict", &InfoDict, "Plain dict; hashes as hex strings, dtype as its name.")
       .def("keys", [](const SegmentInfo& i) { return InfoDict(i).attr("keys")(); })
-      .def("__getitem__", [](const SegmentInfo& i, const std::string& name) -> nb::object {
-        nb::dict d = InfoDict(i);
-        if (!d.contains(name.c_str())) throw nb::key_error(name.c_str());
-        return d[name.c_str()];
-      })
+      .def("__getitem__",
+           [](const SegmentInfo& i, const std::string& name) -> nb::object {
+             nb::dict d = InfoDict(i);
+             if (!d.contains(name.c_str())) throw nb::key_error(name.c_str());
+             return d[name.c_str()];
+           })
       .def("__repr__", [](const SegmentInfo& i) {
         return "SegmentInfo(key=" + i.key.ToHex() + ", ns='" + i.meta.ns + "', session='" + i.meta.session +
                "', turn=" + std::to_string(i.meta.turn) + ", " + LayoutString(i.layout) + ")";
@@ -312,34 +316,38 @@ void RegisterSegment(nb::module_& m) {
       "An immutable span of tokens with its KV payload, positions and metadata.\n\n"
       "Construct from ONE array kv of shape [layers, 2, kv_heads, tokens, head_dim] or TWO arrays k, v of\n"
       "shape [layers, kv_heads, tokens, head_dim] (numpy or CPU torch; float32, float16 or bfloat16 --\n"
-      "bfloat16 through torch). copy=True (default) copies the arrays into segment-owned memory;\n"
-      "copy=False wraps a C-contiguous canonical kv array (or its halves kv[:, 0], kv[:, 1]) without a\n"
-      "copy and keeps a reference to it: the array must then never be mutated (a stored segment is\n"
-      "shared by every reader and written to disk later).\n"
+      "bfloat16 through torch). copy follows numpy 2's asarray: None (default) wraps the arrays without a\n"
+      "copy when they already are one C-contiguous canonical block (a contiguous kv, or its halves\n"
+      "kv[:, 0] and kv[:, 1]) and copies otherwise; False never copies (InvalidArgumentError if a copy is\n"
+      "needed); True always copies. A wrapped array is referenced, not copied: do not mutate it while the\n"
+      "Segment lives (Store.put copies the payload, so what was stored is not affected afterwards).\n"
+      "Copies run with the GIL released.\n"
       "key defaults to memory_key(ns, session, turn, chunk); positions default to 0..tokens-1.\n"
       "model is the weights' fingerprint (Hash128) or a ModelSpec (then the layout must match it).")
       .def("__init__", &InitSegment, "kv"_a = nb::none(), nb::kw_only(), "k"_a = nb::none(), "v"_a = nb::none(),
            "tokens"_a, "model"_a, "positions"_a = nb::none(), "key"_a = nb::none(), "parent"_a = nb::none(),
            "meta"_a = nb::none(), "ns"_a = nb::none(), "agent"_a = nb::none(), "session"_a = nb::none(),
            "turn"_a = nb::none(), "chunk"_a = nb::none(), "role"_a = nb::none(), "text"_a = nb::none(),
-           "time_us"_a = nb::none(), "pre_rope"_a = true, "summary"_a = nb::bytes(""), "copy"_a = true)
+           "time_us"_a = nb::none(), "pre_rope"_a = true, "summary"_a = nb::bytes(""), "copy"_a = nb::none())
       .def_prop_ro("key", [](const PySegment& s) { return Get(s)->key; })
       .def_prop_ro("model", [](const PySegment& s) { return Get(s)->model; })
       .def_prop_ro("parent", [](const PySegment& s) { return Get(s)->parent; })
       .def_prop_ro("layout", [](const PySegment& s) { return Get(s)->layout; })
       .def_prop_ro("dtype", [](const PySegment& s) { return Get(s)->layout.dtype; })
       .def_prop_ro("num_tokens", [](const PySegment& s) { return Get(s)->layout.num_tokens; })
-      .def_prop_ro("nbytes", [](const PySegment& s) { return Get(s)->PayloadBytes(); }, "Payload bytes.")
+      .def_prop_ro(
+          "nbytes", [](const PySegment& s) { return Get(s)->PayloadBytes(); }, "Payload bytes.")
       .def_prop_ro("pre_rope", [](const PySegment& s) { return Get(s)->pre_rope; })
-      .def_prop_ro("meta", [](const PySegment& s) { return Get(s)->meta; }, "A copy of the metadata.")
-      .def_prop_ro("summary", [](const PySegment& s) {
-        return nb::bytes(Get(s)->summary.data(), Get(s)->summary.size());
-      })
-      .def_prop_ro("tokens", [](nb::handle self) { return ExportVector(self, Get(nb::cast<PySegment&>(self))->tokens); },
-                   "Token ids: read-only int32 numpy view.")
-      .def_prop_ro("positions",
-                   [](nb::handle self) { return ExportVector(self, Get(nb::cast<PySegment&>(self))->positions); },
-                   "Original positions: read-only int64 numpy view.")
+      .def_prop_ro(
+          "meta", [](const PySegment& s) { return Get(s)->meta; }, "A copy of the metadata.")
+      .def_prop_ro("summary",
+                   [](const PySegment& s) { return nb::bytes(Get(s)->summary.data(), Get(s)->summary.size()); })
+      .def_prop_ro(
+          "tokens", [](nb::handle self) { return ExportVector(self, Get(nb::cast<PySegment&>(self))->tokens); },
+          "Token ids: read-only int32 numpy view.")
+      .def_prop_ro(
+          "positions", [](nb::handle self) { return ExportVector(self, Get(nb::cast<PySegment&>(self))->positions); },
+          "Original positions: read-only int64 numpy view.")
       .def(
           "kv",
           [](nb::handle self, const std::string& framework) {

@@ -8,10 +8,10 @@ import weakref
 
 import numpy as np
 import pytest
-from kv_agent._core import Segment
 
 import kv_agent as ka
 from kv_agent import _core
+from kv_agent.store import Segment
 
 torch = pytest.importorskip("torch")
 
@@ -44,7 +44,7 @@ def test_numpy_kv_roundtrip_bit_exact(shape, dtype):
     rng = np.random.default_rng(sum(shape))
     L, H, T, D = shape
     kv = random_bits(rng, (L, 2, H, T, D), dtype)
-    for copy in (True, False):
+    for copy in (None, True, False):
         seg = make(kv, copy=copy)
         assert seg.layout.shape == (L, 2, H, T, D)
         assert seg.dtype == {np.float32: ka.DType.f32, np.float16: ka.DType.f16}[dtype]
@@ -120,8 +120,11 @@ def test_zero_copy_import_and_export_views():
     # k, v given as halves of one contiguous block are wrapped, not copied.
     seg_kv = make(k=kv[:, 0], v=kv[:, 1], copy=False)
     assert seg_kv.kv().ctypes.data == kv.ctypes.data
-    # copy=True (default) owns its memory: later writes to the source do not reach it.
-    owned = make(kv)
+    # copy=None (default) wraps a canonical block; copy=True owns its memory: later writes to the
+    # source do not reach it.
+    assert make(kv).kv().ctypes.data == kv.ctypes.data
+    assert not np.shares_memory(make(kv[:, :, :, ::-1]).kv(), kv)
+    owned = make(kv, copy=True)
     assert not np.shares_memory(owned.kv(), kv)
     before = owned.kv().copy()
     kv[:] = 0

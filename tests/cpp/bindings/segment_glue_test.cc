@@ -109,10 +109,10 @@ TEST(SegmentGlue, ErrorsNameTheProblem) {
             StatusCode::kInvalidArgument);
   EXPECT_EQ(LayoutOfKv({p, {1, 2, 0, 1, 1}, {2, 1, 1, 1, 1}, DType::kF32}).status().code(),
             StatusCode::kInvalidArgument);
-  EXPECT_FALSE(LayoutOfKAndV({p, {1, 1, 1, 1}, {1, 1, 1, 1}, DType::kF32}, {p, {1, 1, 1, 1}, {1, 1, 1, 1}, DType::kF16})
-                   .ok());
-  EXPECT_FALSE(LayoutOfKAndV({p, {1, 1, 1, 1}, {1, 1, 1, 1}, DType::kF32}, {p, {1, 1, 2, 1}, {2, 2, 1, 1}, DType::kF32})
-                   .ok());
+  EXPECT_FALSE(
+      LayoutOfKAndV({p, {1, 1, 1, 1}, {1, 1, 1, 1}, DType::kF32}, {p, {1, 1, 1, 1}, {1, 1, 1, 1}, DType::kF16}).ok());
+  EXPECT_FALSE(
+      LayoutOfKAndV({p, {1, 1, 1, 1}, {1, 1, 1, 1}, DType::kF32}, {p, {1, 1, 2, 1}, {2, 2, 1, 1}, DType::kF32}).ok());
 }
 
 TEST(SegmentGlue, MakeSegmentDefaultsAndValidation) {
