@@ -60,7 +60,7 @@ Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
   // Reuse the newest file if it has room (after a reopen), else start a new one.
   if (!files_.empty()) {
     auto& [no, fi] = *files_.rbegin();
-    if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size + record_len <= opts_.max_file_bytes) {
+    if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size % kAlign == 0 && fi.size + record_len <= opts_.max_file_bytes) {
       KVAGENT_ASSIGN_OR_RETURN(active_, env_->NewAppendableFile(fi.path));
       if (active_->Size() != fi.size) {
         // Someone else changed the file; never append behind unknown bytes.

@@ -149,7 +149,9 @@ Status DiskTierImpl::Recover() {
 
   for (auto& [no, fi] : files_) {
     auto known = ends.find(no);
-    uint64_t start = known == ends.end() ? 0 : std::min(known->second, fi.size);
+    // A file shorter than the catalog's known end lost data after the catalog saw it (only
+    // possible without sync): rescan it whole; records already indexed are skipped by position.
+    uint64_t start = known == ends.end() || known->second > fi.size ? 0 : known->second;
     KVAGENT_RETURN_IF_ERROR(ScanFile(no, start));
     file_bytes_ += fi.size;
     pending_ends_[no] = fi.size;

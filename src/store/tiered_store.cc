@@ -153,6 +153,7 @@ void TieredStore::WriterLoop() {
     if (queue_.empty()) return;  // stop_ and drained
     Op op = queue_.front();
     queue_.pop_front();
+    cv_.notify_all();  // a slot is free for a waiting Put
     auto it = pending_.find(op.key);
     if (it == pending_.end() || it->second.seq != op.seq) {
       // Superseded by a newer Put or Delete of the same key, which is queued behind this one.
@@ -286,14 +287,22 @@ std::vector<SegmentInfo> TieredStore::List(const SegmentFilter& filter) {
   std::shared_lock<std::shared_mutex> open(close_mu_);
   std::vector<SegmentInfo> out;
   if (closed_) return out;
-  std::map<Hash128, SegmentInfo> merged;
+  // With every stripe held no Put or Delete is half done, so the queued operations and the host
+  // tier agree: a key the host holds is its newest version. The pending snapshot is taken
+  // before the disk listing, so a write the writer finishes in between is seen in one of them.
   std::unordered_map<Hash128, SegmentHandle, Hash128Hasher> pending;
-  if (disk_) {
-    for (SegmentInfo& i : disk_->List(filter)) merged.emplace(i.key, std::move(i));
+  std::vector<SegmentHandle> host;
+  {
+    std::vector<std::unique_lock<std::mutex>> all;
+    all.reserve(kStripes);
+    for (std::mutex& m : stripes_) all.emplace_back(m);
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [key, p] : pending_) pending.emplace(key, p.segment);
+    host = host_.Snapshot();
   }
-  // Queued operations are newer than what the disk holds.
+  std::map<Hash128, SegmentInfo> merged;
+  if (disk_)
+    for (SegmentInfo& i : disk_->List(filter)) merged.emplace(i.key, std::move(i));
   for (const auto& [key, segment] : pending) {
     merged.erase(key);
     if (segment) {
@@ -301,10 +310,15 @@ std::vector<SegmentInfo> TieredStore::List(const SegmentFilter& filter) {
       if (filter.Matches(info)) merged.emplace(key, std::move(info));
     }
   }
-  for (const SegmentHandle& h : host_.Snapshot()) {
-    if (merged.count(h->key) != 0 || pending.count(h->key) != 0) continue;
+  for (const SegmentHandle& h : host) {
     SegmentInfo info = InfoOf(*h);
-    if (filter.Matches(info)) merged.emplace(h->key, std::move(info));
+    auto it = merged.find(h->key);
+    if (it != merged.end()) info.stored_bytes = it->second.stored_bytes;  // as held on disk
+    if (filter.Matches(info)) {
+      merged.insert_or_assign(h->key, std::move(info));
+    } else if (it != merged.end()) {
+      merged.erase(it);
+    }
   }
   out.reserve(merged.size());
   for (auto& [key, info] : merged) out.push_back(std::move(info));
