@@ -35,6 +35,7 @@ DiskTierImpl::DiskTierImpl(const DiskTierOptions& options)
 DiskTierImpl::~DiskTierImpl() {
   std::lock_guard<std::mutex> l(mu_);
   if (active_) {
+    // Without options.sync, durability is the caller's Sync(); closing does not imply it.
     if (opts_.sync) active_->Sync().IgnoreError();
     active_->Close().IgnoreError();
   }
@@ -50,7 +51,9 @@ std::string DiskTierImpl::FilePath(uint64_t file_no) const {
 
 Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
   if (active_ && active_->Size() > 0 && active_->Size() + record_len > opts_.max_file_bytes) {
-    Status s = opts_.sync ? active_->Sync() : Status::Ok();
+    // Synced even without options.sync: Sync() only reaches the active file, so a file must be
+    // durable before it stops being the active one.
+    Status s = active_->Sync();
     active_->Close().IgnoreError();
     active_.reset();
     active_no_ = 0;

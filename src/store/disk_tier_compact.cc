@@ -23,7 +23,7 @@ StatusOr<CompactReport> DiskTierImpl::CompactLocked(const ProgressFn& progress) 
   r.files_before = files_.size();
   r.bytes_before = file_bytes_;
   if (active_) {
-    Status s = opts_.sync ? active_->Sync() : Status::Ok();
+    Status s = active_->Sync();
     active_->Close().IgnoreError();
     active_.reset();
     active_no_ = 0;
