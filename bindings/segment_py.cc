@@ -9,6 +9,7 @@
 #include <array>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -38,6 +39,8 @@ bool InterpreterFinalizing() {
   return _Py_IsFinalizing();
 #endif
 }
+
+std::string NameOf(nb::handle type_or_obj) { return nb::cast<std::string>(nb::str(type_or_obj)); }
 
 // Imports `obj` as a CPU array without conversion (no copy); InvalidArgument otherwise.
 AnyArray ImportArray(nb::handle obj, const char* what) {
@@ -72,6 +75,55 @@ ArrayRef RefOf(const AnyArray& a, const char* what) {
   return r;
 }
 
+// Integers from a 1-D integer array (numpy, torch; copied) or a Python sequence.
+template <typename T>
+std::vector<T> IntsFrom(nb::handle obj, const char* what) {
+  std::vector<T> out;
+  AnyArray a;
+  if (nb::try_cast(obj, a, /*convert=*/false)) {
+    nb::dlpack::dtype dt = a.dtype();
+    if (a.device_type() != nb::device::cpu::value || a.ndim() != 1 || (dt.code != 0 && dt.code != 1) || dt.lanes != 1 ||
+        (dt.bits != 8 && dt.bits != 16 && dt.bits != 32 && dt.bits != 64))
+      Raise(InvalidArgumentError(std::string(what) + " must be a 1-D integer CPU array or a sequence of ints, got " +
+                                 std::to_string(a.ndim()) + "-D " + DlDTypeName({dt.code, dt.bits, dt.lanes})));
+    out.resize(a.shape(0));
+    const auto* base = static_cast<const std::byte*>(a.data());
+    const int64_t stride = a.stride_ptr() != nullptr ? a.stride(0) : 1;
+    for (size_t i = 0; i < out.size(); ++i) {
+      const std::byte* p = base + static_cast<int64_t>(i) * stride * (dt.bits / 8);
+      int64_t x = 0;
+      uint64_t u = 0;
+      switch (dt.bits) {
+        case 8:
+          x = dt.code == 0 ? int64_t(*reinterpret_cast<const int8_t*>(p))
+                           : int64_t(*reinterpret_cast<const uint8_t*>(p));
+          break;
+        case 16:
+          x = dt.code == 0 ? int64_t(*reinterpret_cast<const int16_t*>(p))
+                           : int64_t(*reinterpret_cast<const uint16_t*>(p));
+          break;
+        case 32:
+          x = dt.code == 0 ? int64_t(*reinterpret_cast<const int32_t*>(p))
+                           : int64_t(*reinterpret_cast<const uint32_t*>(p));
+          break;
+        default:
+          std::memcpy(&u, p, 8);
+          if (dt.code == 1 && u > uint64_t(INT64_MAX))
+            Raise(InvalidArgumentError(std::string(what) + " value " + std::to_string(u) + " is out of range"));
+          x = static_cast<int64_t>(u);
+      }
+      if (x < int64_t(std::numeric_limits<T>::min()) || x > int64_t(std::numeric_limits<T>::max()))
+        Raise(InvalidArgumentError(std::string(what) + " value " + std::to_string(x) + " is out of range"));
+      out[i] = static_cast<T>(x);
+    }
+    return out;
+  }
+  if (!nb::try_cast(obj, out, /*convert=*/true))
+    Raise(InvalidArgumentError(std::string(what) + " must be a 1-D integer array or a sequence of ints in range, got " +
+                               NameOf(obj.type())));
+  return out;
+}
+
 // Python references kept by a zero-copy payload. Dropped with the GIL held, from whichever
 // thread releases the last Buffer reference (possibly the store's write-behind thread).
 struct Keep {
@@ -89,8 +141,6 @@ std::function<void()> ReleaseWithGil(Keep* keep) {
     PyGILState_Release(st);
   };
 }
-
-std::string NameOf(nb::handle type_or_obj) { return nb::cast<std::string>(nb::str(type_or_obj)); }
 
 // A read-only framework array over segment memory; `owner` (the Python Segment) stays alive
 // as long as the array does.
@@ -143,15 +193,15 @@ nb::object ExportHalf(nb::handle self, const Segment& s, int kvi, std::optional<
   return ExportArray(self, s.payload->data() + offset * DTypeSize(l.dtype), l.dtype, shape, strides, framework);
 }
 
-void InitSegment(PySegment* self, nb::handle kv, nb::handle k, nb::handle v, std::vector<int32_t> tokens,
-                 nb::handle model, std::optional<std::vector<int64_t>> positions, std::optional<Hash128> key,
-                 std::optional<Hash128> parent, std::optional<SegmentMeta> meta, std::optional<std::string> ns,
-                 std::optional<std::string> agent, std::optional<std::string> session, std::optional<int64_t> turn,
-                 std::optional<int32_t> chunk, std::optional<std::string> role, std::optional<std::string> text,
-                 std::optional<int64_t> time_us, bool pre_rope, nb::bytes summary, std::optional<bool> copy) {
+void InitSegment(PySegment* self, nb::handle kv, nb::handle k, nb::handle v, nb::handle tokens, nb::handle model,
+                 nb::handle positions, std::optional<Hash128> key, std::optional<Hash128> parent,
+                 std::optional<SegmentMeta> meta, std::optional<std::string> ns, std::optional<std::string> agent,
+                 std::optional<std::string> session, std::optional<int64_t> turn, std::optional<int32_t> chunk,
+                 std::optional<std::string> role, std::optional<std::string> text, std::optional<int64_t> time_us,
+                 bool pre_rope, nb::bytes summary, std::optional<bool> copy) {
   SegmentFields f;
-  f.tokens = std::move(tokens);
-  f.positions = std::move(positions);
+  f.tokens = IntsFrom<int32_t>(tokens, "tokens");
+  if (!positions.is_none()) f.positions = IntsFrom<int64_t>(positions, "positions");
   f.key = key;
   f.parent = parent.value_or(Hash128{});
   f.pre_rope = pre_rope;

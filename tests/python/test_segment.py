@@ -205,6 +205,25 @@ def test_metadata_key_positions_and_summary():
     assert seg.content_hash() == ka.content_hash(MODEL, [100, 101, 102])
 
 
+def test_tokens_and_positions_from_arrays():
+    kv = np.zeros((1, 2, 1, 4, 2), np.float32)
+    seg = make(kv, tokens=torch.tensor([7, 8, 9, 2**31 - 1]), positions=np.arange(10, 18, 2, dtype=np.uint16))
+    np.testing.assert_array_equal(seg.tokens, [7, 8, 9, 2**31 - 1])
+    np.testing.assert_array_equal(seg.positions, [10, 12, 14, 16])
+    seg = make(kv, tokens=np.arange(8, dtype=np.int64)[::2], positions=torch.arange(4, dtype=torch.int64) + 2**40)
+    np.testing.assert_array_equal(seg.tokens, [0, 2, 4, 6])
+    np.testing.assert_array_equal(seg.positions, np.arange(4) + 2**40)
+    for bad, msg in [
+        (np.zeros((1, 4), np.int32), "1-D integer"),
+        (np.zeros(4, np.float32), "1-D integer"),
+        (np.array([0, 1, 2, 2**31]), "out of range"),
+        ([0, 1, 2, 2**31], "sequence of ints"),
+        ("abcd", "sequence of ints"),
+    ]:
+        with pytest.raises(ka.InvalidArgumentError, match=msg):
+            make(kv, tokens=bad)
+
+
 def spec(kv_dtype=ka.DType.f32):
     return ka.uniform_model_spec("t", 2, 4, 2, 4, kv_dtype, ka.RopeSpec(), MODEL)
 
