@@ -210,7 +210,9 @@ def test_tokens_and_positions_from_arrays():
     seg = make(kv, tokens=torch.tensor([7, 8, 9, 2**31 - 1]), positions=np.arange(10, 18, 2, dtype=np.uint16))
     np.testing.assert_array_equal(seg.tokens, [7, 8, 9, 2**31 - 1])
     np.testing.assert_array_equal(seg.positions, [10, 12, 14, 16])
-    seg = make(kv, tokens=np.arange(8, dtype=np.int64)[::2], positions=torch.arange(4, dtype=torch.int64) + 2**40)
+    seg = make(
+        kv, tokens=np.arange(8, dtype=np.int64)[::2], positions=torch.arange(4, dtype=torch.int64) + 2**40
+    )
     np.testing.assert_array_equal(seg.tokens, [0, 2, 4, 6])
     np.testing.assert_array_equal(seg.positions, np.arange(4) + 2**40)
     for bad, msg in [
