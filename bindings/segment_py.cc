@@ -46,12 +46,8 @@ std::string NameOf(nb::handle type_or_obj) { return nb::cast<std::string>(nb::st
 AnyArray ImportArray(nb::handle obj, const char* what) {
   AnyArray a;
   if (!nb::try_cast(obj, a, /*convert=*/false)) {
-    std::string type = nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())))));
-    std::string hint;
-    if (nb::hasattr(obj, "requires_grad") && nb::cast<bool>(obj.attr("requires_grad")))
-      hint = " (call .detach() first)";
-    Raise(InvalidArgumentError(std::string(what) + " must be a numpy array or a torch tensor (DLPack), got " + type +
-                               hint));
+    Raise(InvalidArgumentError(std::string(what) + " must be a numpy array or a torch tensor (DLPack), got " +
+                               NameOf(obj.type())));
   }
   if (a.device_type() != nb::device::cpu::value)
     Raise(InvalidArgumentError(std::string(what) + " must live in CPU memory (DLPack device type " +
