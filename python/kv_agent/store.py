@@ -18,6 +18,40 @@ Example::
         again = store.get(seg.key, fingerprint)
         view = again.kv("torch")   # no copy; keeps the segment alive
 
+API (all in C++, see ``help(Segment)`` / ``help(Store)``)::
+
+    Segment(kv=None, *, k=None, v=None, tokens, model, positions=None, key=None, parent=None,
+            meta=None, ns=, agent=, session=, turn=, chunk=, role=, text=, time_us=,
+            pre_rope=True, summary=b"", copy=None)
+        kv: [layers, 2, kv_heads, tokens, head_dim]; or k, v: [layers, kv_heads, tokens, head_dim]
+        tokens/positions: sequences or 1-D integer arrays; positions default to 0..n-1
+        model: Hash128 fingerprint or ModelSpec (then the layout must match it)
+        key: default memory_key(ns, session, turn, chunk); meta= or the individual fields
+        copy: None wraps a C-contiguous canonical block without a copy, else copies;
+              False never copies (error if needed); True always copies
+      .kv(framework="numpy"|"torch")        read-only view, no copy, keeps the segment alive
+      .k(layer=None, framework=...), .v(...) [kv_heads, tokens, dim] or [layers, kv_heads, tokens, dim]
+      .key .model .parent .layout .dtype .num_tokens .nbytes .pre_rope .meta .summary
+      .tokens .positions (read-only numpy views)  .info() -> SegmentInfo  .content_hash()
+
+    Store.open(path=None, *, host_capacity_bytes=1 GiB, disk_capacity_bytes=0, max_file_bytes=256 MiB,
+               write_behind=True, write_queue_limit=64, sync=True, codec="raw"|"int8")
+      .put(segment)  .get(key, model) -> Segment  .info(key) -> SegmentInfo
+      .contains(key) / `key in store`  .delete(key)
+      .list(*, model=None, ns="", agent="", session="", min_time_us=None, max_time_us=None)
+      .flush()  .stats() -> {"host": {...}, "disk": {...} | None, "promotions", "write_queue_depth",
+                             "write_errors", "has_disk"}
+      .verify(progress=None) -> {"records", "ok", "corrupt", "bytes", "problems"}
+      .compact(progress=None) -> {"files_before", "files_after", "bytes_before", "bytes_after",
+                                  "records_moved"}
+      .close()  .closed  (context manager; open stores are closed at interpreter exit)
+    keys: Hash128 or 32-digit hex strings; models: Hash128, hex or ModelSpec.
+    progress(done, total) runs with the GIL held, from the working thread; it must not call the
+    store. An exception it raises stops further calls and is re-raised when the call returns.
+
+    SegmentInfo: .key .model .parent .layout .pre_rope .meta .payload_bytes .stored_bytes
+      (stored_bytes: bytes of the record in the tier holding it), info["meta"], .keys(), .to_dict()
+
 Errors are the classes of :mod:`kv_agent.errors`: InvalidArgumentError (bad dtype, shape,
 lengths; the store is unchanged), NotFoundError, FailedPreconditionError (model fingerprint
 mismatch, closed store, path locked by another process), ResourceExhaustedError and
