@@ -1,0 +1,1 @@
+"""Subcommand groups of the ``kvagent`` CLI (registered in :data:`kv_agent.cli.COMMAND_MODULES`)."""
