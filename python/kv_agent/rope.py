@@ -87,7 +87,9 @@ def _prepare(x: Any, head_dim: int) -> tuple[Any, Any]:
             raise InvalidArgumentError(f"rope: dtype must be float32, float16 or bfloat16, got {x.dtype}")
         x = x.detach()
         if x.dim() < 2 or x.shape[-1] != head_dim:
-            raise InvalidArgumentError(f"rope: x must have shape [..., tokens, {head_dim}], got {tuple(x.shape)}")
+            raise InvalidArgumentError(
+                f"rope: x must have shape [..., tokens, {head_dim}], got {tuple(x.shape)}"
+            )
         if not _collapsible(tuple(x.shape), tuple(x.stride())):
             x = x.contiguous()
         return x, torch.empty(x.shape, dtype=x.dtype)
@@ -113,7 +115,9 @@ def _positions(p: Any, tokens: int, what: str) -> np.ndarray:
         raise InvalidArgumentError(f"rope: {what} must be integers, got {arr.dtype}")
     arr = np.ascontiguousarray(arr.reshape(-1) if arr.ndim != 1 else arr, dtype=np.int64)
     if arr.ndim != 1 or arr.shape[0] != tokens:
-        raise InvalidArgumentError(f"rope: {what} must have one entry per token ({tokens}), got {arr.shape[0]}")
+        raise InvalidArgumentError(
+            f"rope: {what} must have one entry per token ({tokens}), got {arr.shape[0]}"
+        )
     return arr
 
 
@@ -186,7 +190,9 @@ def _rope_params(config: Any, layer_type: str | None) -> dict:
     return params
 
 
-def rope_spec_from_hf(config: Any, layer_type: str | None = None, *, dynamic_max_position: int | None = None) -> RopeSpec:
+def rope_spec_from_hf(
+    config: Any, layer_type: str | None = None, *, dynamic_max_position: int | None = None
+) -> RopeSpec:
     """The RopeSpec of a transformers ``PretrainedConfig`` (one layer type).
 
     Reads ``rope_parameters`` (transformers 5.x; per layer type such as Gemma 3's
@@ -267,6 +273,8 @@ def layer_rope_specs(config: Any, *, dynamic_max_position: int | None = None) ->
     per_type = bool(params) and all(isinstance(v, dict) for v in params.values())
     n = int(config.num_hidden_layers)
     if per_type and layer_types:
-        return [rope_spec_from_hf(config, lt, dynamic_max_position=dynamic_max_position) for lt in layer_types]
+        return [
+            rope_spec_from_hf(config, lt, dynamic_max_position=dynamic_max_position) for lt in layer_types
+        ]
     spec = rope_spec_from_hf(config, dynamic_max_position=dynamic_max_position)
     return [spec for _ in range(n)]

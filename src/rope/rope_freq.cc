@@ -48,11 +48,12 @@ void Llama3InvFreq(const RopeSpec& s, int dim, std::vector<float>* out) {
   const float span = static_cast<float>(s.high_freq_factor - s.low_freq_factor);
   const float old_ctx_f = static_cast<float>(old_ctx);
   for (float& f : *out) {
-    const float wavelen = two_pi / f;
+    // torch evaluates `scalar / tensor` as reciprocal(tensor) * scalar.
+    const float wavelen = (1.0f / f) * two_pi;
     float v = wavelen > low_wl ? f / factor : f;
     const bool medium = !(wavelen < high_wl) && !(wavelen > low_wl);
     if (medium) {
-      const float smooth = (old_ctx_f / wavelen - lff) / span;
+      const float smooth = ((1.0f / wavelen) * old_ctx_f - lff) / span;
       v = (1.0f - smooth) * v / factor + smooth * v;
     }
     f = v;
@@ -91,7 +92,8 @@ void DynamicInvFreq(const RopeSpec& s, int dim, std::vector<float>* out) {
   const int64_t seq = std::max(s.dynamic_max_position, orig);
   const float factor = static_cast<float>(s.factor);
   float ratio = factor * static_cast<float>(seq) / static_cast<float>(orig) - static_cast<float>(s.factor - 1.0);
-  float scale = PowF(ratio, static_cast<float>(static_cast<double>(dim) / (dim - 2)));
+  // torch keeps the Python-float exponent in double for `tensor ** scalar`.
+  float scale = static_cast<float>(std::pow(static_cast<double>(ratio), static_cast<double>(dim) / (dim - 2)));
   float base = static_cast<float>(s.theta) * scale;
   DefaultInvFreq(base, dim, out);
 }
