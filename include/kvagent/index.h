@@ -107,7 +107,8 @@ struct IndexOptions {
   TokenNorm norm = TokenNorm::kSoftmax;
   Aggregation agg = Aggregation::kMean;
   HeadReduce head_reduce = HeadReduce::kMeanQuery;
-  // Model layers scored (the summaries must contain them); empty = every model layer.
+  // Model layers scored, in query order (the summaries must contain them). Empty = the default
+  // DefaultIndexLayers(num_layers): every layer up to 8 layers, else 8 evenly spaced ones.
   std::vector<int> layers;
   // Query tokens are averaged into this many contiguous chunks (capped at the token count);
   // 0 = every query token votes separately.
@@ -118,6 +119,11 @@ struct IndexOptions {
   DType storage = DType::kF16;
   int num_threads = 0;  // 0 = std::thread::hardware_concurrency()
 };
+
+// Up to `count` evenly spaced layers of a `num_layers` model: floor((i + 0.5) * num_layers / count)
+// for i < count (Llama-3.1-8B, 32 layers: 2, 6, ..., 30); all layers when num_layers <= count
+// or count < 1.
+std::vector<int> DefaultIndexLayers(int num_layers, int count = 8);
 
 // Metadata of an indexed segment.
 struct IndexEntry {

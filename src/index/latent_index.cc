@@ -16,14 +16,6 @@ constexpr size_t kTargetBlockBytes = size_t{64} << 20;
 // Below this many candidates per thread, starting threads costs more than it saves.
 constexpr size_t kMinSegmentsPerThread = 1024;
 
-uint16_t ToF16Rounded(float x, int direction) {
-  uint16_t h = F32ToF16(x);
-  float back = F16ToF32(h);
-  if (direction < 0 && back > x) h = (h == 0) ? 0x8001 : ((h & 0x8000) ? h + 1 : h - 1);
-  if (direction > 0 && back < x) h = (h == 0x8000) ? 0x0001 : ((h & 0x8000) ? h - 1 : h + 1);
-  return h;
-}
-
 // Runs fn(begin, end, thread_index) over [0, n) split into `threads` contiguous ranges.
 template <typename Fn>
 void ParallelFor(size_t n, int threads, Fn fn) {
@@ -50,6 +42,16 @@ bool PassesFilters(const IndexEntry& e, const SearchRequest& r) {
 
 }  // namespace
 
+std::vector<int> DefaultIndexLayers(int num_layers, int count) {
+  std::vector<int> out;
+  if (count < 1 || num_layers <= count) {
+    for (int l = 0; l < num_layers; ++l) out.push_back(l);
+    return out;
+  }
+  for (int i = 0; i < count; ++i) out.push_back(static_cast<int>((2 * int64_t{i} + 1) * num_layers / (2 * count)));
+  return out;
+}
+
 LatentIndex::LatentIndex(const ModelSpec& spec, IndexOptions options, std::vector<int> layers)
     : spec_(spec), options_(std::move(options)), layers_(std::move(layers)) {
   const size_t width = options_.score == ScoreKind::kBoundingBox ? 2 * spec_.head_dim : spec_.head_dim;
@@ -72,10 +74,7 @@ StatusOr<std::unique_ptr<LatentIndex>> LatentIndex::Create(const ModelSpec& spec
       static_cast<int>(options.agg) > 2 || static_cast<int>(options.head_reduce) > 2) {
     return InvalidArgumentError("unknown score, norm, agg or head_reduce value");
   }
-  std::vector<int> layers = options.layers;
-  if (layers.empty()) {
-    for (int l = 0; l < spec.num_layers; ++l) layers.push_back(l);
-  }
+  std::vector<int> layers = options.layers.empty() ? DefaultIndexLayers(spec.num_layers) : options.layers;
   std::vector<int> sorted = layers;
   std::sort(sorted.begin(), sorted.end());
   for (size_t i = 0; i < sorted.size(); ++i) {
@@ -139,23 +138,22 @@ Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
   std::byte* row = RowPtr(slot);
   const int dim = spec_.head_dim;
   size_t out = 0;
-  auto put = [&](float v, int direction) {
+  auto put = [&](const float* v, int direction) {
     if (f16) {
-      uint16_t h = ToF16Rounded(v, direction);
-      std::memcpy(row + out * 2, &h, 2);
+      index_internal::ToF16(v, reinterpret_cast<uint16_t*>(row) + out, dim, direction);
     } else {
-      std::memcpy(row + out * 4, &v, 4);
+      std::memcpy(reinterpret_cast<float*>(row) + out, v, dim * sizeof(float));
     }
-    ++out;
+    out += dim;
   };
   for (int ls : slots) {
     for (int g = 0; g < spec_.num_kv_heads; ++g) {
       const size_t base = s.Offset(ls, g);
       if (bbox) {
-        for (int d = 0; d < dim; ++d) put(s.max[base + d], +1);
-        for (int d = 0; d < dim; ++d) put(s.min[base + d], -1);
+        put(&s.max[base], +1);
+        put(&s.min[base], -1);
       } else {
-        for (int d = 0; d < dim; ++d) put(s.mean[base + d], 0);
+        put(&s.mean[base], 0);
       }
     }
   }

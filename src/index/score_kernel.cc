@@ -48,26 +48,50 @@ KVAGENT_AVX inline float HSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Four query vectors share each converted row vector: one row load per four FMAs.
+// Four query vectors share each converted row vector (one row load per four FMAs); two
+// accumulators per query hide the FMA latency (eight independent chains).
+template <bool kF16>
+KVAGENT_AVX void DotRows4(const void* row, const float* q, int w, float* out) {
+  const float* q0 = q;
+  const float* q1 = q0 + w;
+  const float* q2 = q1 + w;
+  const float* q3 = q2 + w;
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= w; i += 16) {
+    __m256 x = LoadRow(row, kF16, i);
+    __m256 y = LoadRow(row, kF16, i + 8);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i), x, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), x, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), x, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), x, a3);
+    b0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i + 8), y, b0);
+    b1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i + 8), y, b1);
+    b2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i + 8), y, b2);
+    b3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i + 8), y, b3);
+  }
+  for (; i < w; i += 8) {
+    __m256 x = LoadRow(row, kF16, i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i), x, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), x, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), x, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), x, a3);
+  }
+  out[0] = HSum(_mm256_add_ps(a0, b0));
+  out[1] = HSum(_mm256_add_ps(a1, b1));
+  out[2] = HSum(_mm256_add_ps(a2, b2));
+  out[3] = HSum(_mm256_add_ps(a3, b3));
+}
+
 KVAGENT_AVX void DotRowsAvx(const void* row, bool f16, const float* q, int nq, int w, float* out) {
   int j = 0;
   for (; j + 4 <= nq; j += 4) {
-    const float* q0 = q + static_cast<size_t>(j) * w;
-    const float* q1 = q0 + w;
-    const float* q2 = q1 + w;
-    const float* q3 = q2 + w;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int i = 0; i < w; i += 8) {
-      __m256 x = LoadRow(row, f16, i);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i), x, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), x, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), x, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), x, a3);
+    if (f16) {
+      DotRows4<true>(row, q + static_cast<size_t>(j) * w, w, out + j);
+    } else {
+      DotRows4<false>(row, q + static_cast<size_t>(j) * w, w, out + j);
     }
-    out[j] = HSum(a0);
-    out[j + 1] = HSum(a1);
-    out[j + 2] = HSum(a2);
-    out[j + 3] = HSum(a3);
   }
   for (; j < nq; ++j) {
     const float* qj = q + static_cast<size_t>(j) * w;
@@ -114,6 +138,17 @@ KVAGENT_AVX void ExpShiftedAvx(float* x, const float* shift, size_t n) {
   for (; i < n; ++i) x[i] = std::exp(x[i] - shift[i]);
 }
 
+template <int kMode>
+KVAGENT_AVX void ToF16Avx(const float* src, uint16_t* dst, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kMode));
+  }
+  for (; i < n; ++i) {
+    dst[i] = static_cast<uint16_t>(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(src[i]), kMode), 0));
+  }
+}
+
 bool HaveAvx() {
   static const bool have = [] {
     __builtin_cpu_init();
@@ -130,6 +165,28 @@ DotRowsFn SelectDotRows(int w) {
   if (w % 8 == 0 && HaveAvx()) return &DotRowsAvx;
 #endif
   return &DotRowsScalar;
+}
+
+void ToF16(const float* src, uint16_t* dst, size_t n, int direction) {
+#ifdef KVAGENT_INDEX_X86
+  if (HaveAvx()) {
+    if (direction < 0) {
+      ToF16Avx<_MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC>(src, dst, n);
+    } else if (direction > 0) {
+      ToF16Avx<_MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC>(src, dst, n);
+    } else {
+      ToF16Avx<_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC>(src, dst, n);
+    }
+    return;
+  }
+#endif
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h = F32ToF16(src[i]);
+    const float back = F16ToF32(h);
+    if (direction < 0 && back > src[i]) h = (h == 0) ? 0x8001 : ((h & 0x8000) ? h + 1 : h - 1);
+    if (direction > 0 && back < src[i]) h = (h == 0x8000) ? 0x0001 : ((h & 0x8000) ? h - 1 : h + 1);
+    dst[i] = h;
+  }
 }
 
 void ExpShifted(float* x, const float* shift, size_t n) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace kvagent::index_internal {
 
@@ -17,5 +18,9 @@ void DotRowsScalar(const void* row, bool f16, const float* q, int nq, int w, flo
 // x[i] = exp(x[i] - shift[i]) for i < n, shift[i] finite, x[i] - shift[i] <= 0 expected (values
 // below -87 flush to 0). Relative error < 2e-7 on the vectorised path.
 void ExpShifted(float* x, const float* shift, size_t n);
+
+// dst[i] = f16 bits of src[i], rounded toward -inf (direction < 0), +inf (> 0) or to nearest
+// even (0). Values must be finite; beyond the f16 range they become +-inf.
+void ToF16(const float* src, uint16_t* dst, size_t n, int direction);
 
 }  // namespace kvagent::index_internal

@@ -53,3 +53,29 @@ TEST(ScoreKernel, ExpShifted) {
 
 }  // namespace
 }  // namespace kvagent::index_internal
+
+namespace kvagent::index_internal {
+namespace {
+
+TEST(ScoreKernel, ToF16DirectedRounding) {
+  std::mt19937 rng(6);
+  std::normal_distribution<float> n(0.0f, 30.0f);
+  std::vector<float> src;
+  for (int i = 0; i < 1001; ++i) src.push_back(i % 50 == 0 ? 0.0f : n(rng) * (i % 3 ? 1.0f : 1e-6f));
+  src.push_back(65504.0f);
+  src.push_back(-65504.0f);
+  std::vector<uint16_t> lo(src.size()), hi(src.size()), nearest(src.size());
+  ToF16(src.data(), lo.data(), src.size(), -1);
+  ToF16(src.data(), hi.data(), src.size(), +1);
+  ToF16(src.data(), nearest.data(), src.size(), 0);
+  for (size_t i = 0; i < src.size(); ++i) {
+    EXPECT_LE(F16ToF32(lo[i]), src[i]);
+    EXPECT_GE(F16ToF32(hi[i]), src[i]);
+    EXPECT_EQ(nearest[i], F32ToF16(src[i])) << src[i];
+    // Adjacent or equal representable values.
+    EXPECT_LE(F16ToF32(hi[i]) - F16ToF32(lo[i]), std::fabs(src[i]) * 1e-3f + 6e-8f) << src[i];
+  }
+}
+
+}  // namespace
+}  // namespace kvagent::index_internal
