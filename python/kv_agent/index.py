@@ -12,8 +12,9 @@ made C-contiguous here and cross to C++ without a further copy. Search releases 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 from kv_agent import _core
 from kv_agent._core import Hash128, IndexHit, ModelSpec
@@ -41,7 +42,7 @@ def _as_array(x: Any, what: str) -> Any:
     return np.ascontiguousarray(x)
 
 
-def summarize(keys: Any, layers: Optional[Sequence[int]] = None, *, dtype: str = "f16") -> bytes:
+def summarize(keys: Any, layers: Sequence[int] | None = None, *, dtype: str = "f16") -> bytes:
     """Compressed keys of one segment.
 
     keys: ``[L, H_kv, T, D]`` pre-RoPE keys of every model layer (f32/f16/bf16).
@@ -83,7 +84,7 @@ class IndexOptions:
     norm: str = "softmax"
     agg: str = "mean"
     head_reduce: str = "mean_query"
-    layers: Optional[Sequence[int]] = None
+    layers: Sequence[int] | None = None
     token_chunks: int = 4
     top_p: float = 0.25
     storage: str = "f16"
@@ -93,7 +94,7 @@ class IndexOptions:
 class LatentIndex:
     """In-memory index of segment summaries; thread-safe (searches run concurrently)."""
 
-    def __init__(self, spec: ModelSpec, options: Optional[IndexOptions] = None):
+    def __init__(self, spec: ModelSpec, options: IndexOptions | None = None):
         self.options = options if options is not None else IndexOptions()
         o = self.options
         self.spec = spec
@@ -158,13 +159,13 @@ class LatentIndex:
         q: Any,
         *,
         top_k: int = 5,
-        token_budget: Optional[int] = None,
+        token_budget: int | None = None,
         pinned: Iterable[Hash128] = (),
-        ns: Optional[str] = None,
-        agent: Optional[str] = None,
-        session: Optional[str] = None,
-        min_time_us: Optional[int] = None,
-        max_time_us: Optional[int] = None,
+        ns: str | None = None,
+        agent: str | None = None,
+        session: str | None = None,
+        min_time_us: int | None = None,
+        max_time_us: int | None = None,
         explain: bool = True,
     ) -> list[Hit]:
         """Top segments for pre-RoPE queries ``q`` ``[len(self.layers), H_q, T_q, D]``.

@@ -12,7 +12,14 @@ from kv_agent.errors import AlreadyExistsError, DataLossError, InvalidArgumentEr
 
 def make_spec(layers=4, q_heads=8, kv_heads=2, dim=16, attn_scale=0.0):
     spec = kv_agent.uniform_model_spec(
-        "t", layers, q_heads, kv_heads, dim, kv_agent.DType.f32, kv_agent.RopeSpec(), kv_agent.Hash128.of_str("w")
+        "t",
+        layers,
+        q_heads,
+        kv_heads,
+        dim,
+        kv_agent.DType.f32,
+        kv_agent.RopeSpec(),
+        kv_agent.Hash128.of_str("w"),
     )
     spec.attn_scale = attn_scale
     return spec
@@ -67,11 +74,20 @@ def build(spec, opts, n=20, seed=0, tokens=6):
     layers = idx.layers
     boxes, keys = [], []
     for i in range(n):
-        k = (rng.standard_normal((spec.num_layers, spec.num_kv_heads, tokens, spec.head_dim)) + rng.standard_normal(
-            (spec.num_layers, spec.num_kv_heads, 1, spec.head_dim)
-        )).astype(np.float32)
+        k = (
+            rng.standard_normal((spec.num_layers, spec.num_kv_heads, tokens, spec.head_dim))
+            + rng.standard_normal((spec.num_layers, spec.num_kv_heads, 1, spec.head_dim))
+        ).astype(np.float32)
         key = kv_agent.memory_key("ns", f"s{i % 2}", i, 0)
-        idx.add(key, ki.summarize(k, dtype="f32"), ns="ns", session=f"s{i % 2}", turn=i, time_us=i, num_tokens=10 + i)
+        idx.add(
+            key,
+            ki.summarize(k, dtype="f32"),
+            ns="ns",
+            session=f"s{i % 2}",
+            turn=i,
+            time_us=i,
+            num_tokens=10 + i,
+        )
         keys.append(key)
         boxes.append(summarize_ref(k, layers))
     return idx, keys, boxes
@@ -92,7 +108,7 @@ def test_scores_match_numpy_reference(score, norm, agg, head_reduce):
     assert len(hits) == len(keys)
     got = {h.key: h.score for h in hits}
     want = score_ref(spec, opts, [3, 1], boxes, q)
-    for key, w in zip(keys, want):
+    for key, w in zip(keys, want, strict=True):
         assert got[key] == pytest.approx(w, rel=2e-5, abs=1e-6)
 
 
@@ -107,7 +123,7 @@ def test_torch_bf16_and_f16_queries_and_keys():
         hits = idx.search(q, top_k=0)
         want = score_ref(spec, opts, [0, 2], boxes, q.float().numpy())
         got = {h.key: h.score for h in hits}
-        for key, w in zip(keys, want):
+        for key, w in zip(keys, want, strict=True):
             assert got[key] == pytest.approx(w, rel=2e-5, abs=1e-6)
     # numpy float16 too, and a non-contiguous tensor (made contiguous by the wrapper).
     assert len(idx.search(q32.numpy().astype(np.float16), top_k=3)) == 3
@@ -160,7 +176,7 @@ def test_selection_filters_pins_budget_and_order():
     assert [h.time_us for h in hits] == sorted(h.time_us for h in hits)
     assert sorted(h.rank for h in hits) == list(range(len(hits)))
     by_rank = sorted(hits, key=lambda h: h.rank)
-    assert all(a.score >= b.score for a, b in zip(by_rank, by_rank[1:]))
+    assert all(a.score >= b.score for a, b in zip(by_rank, by_rank[1:], strict=False))
     hits = idx.search(q, top_k=0, token_budget=40, min_time_us=2, max_time_us=8)
     assert sum(h.num_tokens for h in hits) <= 40
     assert all(2 <= h.time_us <= 8 for h in hits)
@@ -201,8 +217,13 @@ def test_add_remove_len_and_errors():
     with pytest.raises(InvalidArgumentError):
         ki.summarize(np.full((1, 1, 1, 4), np.nan, np.float32))
     q = np.zeros((1, 8, 3, 16), np.float32)
-    for bad_q in (np.zeros((2, 8, 3, 16), np.float32), np.zeros((1, 4, 3, 16), np.float32),
-                  np.zeros((1, 8, 3, 16), np.float64), np.zeros((8, 3, 16), np.float32), [1, 2]):
+    for bad_q in (
+        np.zeros((2, 8, 3, 16), np.float32),
+        np.zeros((1, 4, 3, 16), np.float32),
+        np.zeros((1, 8, 3, 16), np.float64),
+        np.zeros((8, 3, 16), np.float32),
+        [1, 2],
+    ):
         with pytest.raises(InvalidArgumentError):
             idx.search(bad_q)
     assert len(idx.search(q)) == 4
