@@ -5,6 +5,7 @@
 // Sizes are chosen so the matrix fits a shared 24 GiB machine: the row bytes per segment are
 // printed (bbox f16: layers * 8 heads * 256 * 2 bytes) and configs over ~4.5 GiB are not run.
 #include <benchmark/benchmark.h>
+#include <sched.h>
 
 #include <cstring>
 #include <memory>
@@ -122,7 +123,9 @@ void BM_MemoryReadBandwidth(benchmark::State& state) {
   g_cur.name.clear();
   const size_t n = (size_t{2} << 30) / sizeof(float);
   std::vector<float> buf(n, 1.0f);
-  const int threads = std::max(1u, std::thread::hardware_concurrency());
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const int threads = sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
   for (auto _ : state) {
     std::vector<double> part(threads);
     std::vector<std::thread> pool;

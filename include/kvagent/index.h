@@ -117,7 +117,7 @@ struct IndexOptions {
   // Element type of the in-memory matrix: f16 halves memory and bandwidth (min/max rounded
   // outward so the bound still holds) or f32.
   DType storage = DType::kF16;
-  int num_threads = 0;  // 0 = std::thread::hardware_concurrency()
+  int num_threads = 0;  // 0 = the cores this process may use (sched_getaffinity)
 };
 
 // Up to `count` evenly spaced layers of a `num_layers` model: floor((i + 0.5) * num_layers / count)

@@ -6,6 +6,10 @@
 #include <thread>
 #include <unordered_set>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "index/score_kernel.h"
 #include "kvagent/index.h"
 
@@ -30,6 +34,16 @@ void ParallelFor(size_t n, int threads, Fn fn) {
   }
   fn(0, n / threads, 0);
   for (auto& th : pool) th.join();
+}
+
+// Cores this process may run on (taskset / cgroup cpusets), not the machine's count.
+int UsableCores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 }
 
 bool PassesFilters(const IndexEntry& e, const SearchRequest& r) {
@@ -294,8 +308,7 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
   const size_t S = cand.size();
   if (S == 0) return std::vector<Hit>{};
 
-  int threads = options_.num_threads > 0 ? options_.num_threads
-                                         : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  int threads = options_.num_threads > 0 ? options_.num_threads : UsableCores();
   threads = static_cast<int>(std::clamp<size_t>(S / kMinSegmentsPerThread, 1, threads));
 
   // ---- raw scores R[s][u], u = (l*G + g)*C + c; per-thread normalisation statistics ----
