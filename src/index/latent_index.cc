@@ -147,8 +147,6 @@ Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
     if (!block) return ResourceExhaustedError("cannot allocate an index block");
     blocks_.push_back(std::move(block));
   }
-  entries_.reserve(slot + 1);
-  slot_of_.reserve(slot + 1);
   std::byte* row = RowPtr(slot);
   const int dim = spec_.head_dim;
   size_t out = 0;
