@@ -217,7 +217,8 @@ class LatentIndex {
   size_t MemoryBytes() const;
 
   // Scores the candidates and selects hits (see the file comment). InvalidArgument on a query
-  // of the wrong shape or dtype; empty result when nothing matches.
+  // of the wrong shape or dtype; ResourceExhausted if candidates x layers x kv_heads x chunks
+  // exceeds 2^30 votes (4 GiB of scratch); empty result when nothing matches.
   StatusOr<std::vector<Hit>> Search(const QueryView& query, const SearchRequest& request) const;
 
   const ModelSpec& spec() const { return spec_; }

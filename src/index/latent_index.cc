@@ -19,6 +19,7 @@ namespace {
 constexpr size_t kTargetBlockBytes = size_t{64} << 20;
 // Below this many candidates per thread, starting threads costs more than it saves.
 constexpr size_t kMinSegmentsPerThread = 1024;
+constexpr size_t kMaxVotes = size_t{1} << 30;  // 4 GiB of f32 scratch
 
 // Runs fn(begin, end, thread_index) over [0, n) split into `threads` contiguous ranges.
 template <typename Fn>
@@ -306,6 +307,12 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
   const size_t S = cand.size();
   if (S == 0) return std::vector<Hit>{};
 
+  // The votes of all candidates are kept for the normalisation pass (4 bytes each).
+  if (S * static_cast<size_t>(U) > kMaxVotes) {
+    return ResourceExhaustedError("search needs " + std::to_string(S * static_cast<size_t>(U) * 4) +
+                                  " bytes of votes (candidates x layers x kv_heads x chunks); use fewer layers or "
+                                  "token_chunks, or filter the candidates");
+  }
   int threads = options_.num_threads > 0 ? options_.num_threads : UsableCores();
   threads = static_cast<int>(std::clamp<size_t>(S / kMinSegmentsPerThread, 1, threads));
 
