@@ -1,0 +1,251 @@
+// Compressed keys (KeySummary) and latent-space retrieval over them (LatentIndex).
+//
+// A KeySummary holds, for each selected layer and KV head of one segment, the per-dimension
+// minimum and maximum of its pre-RoPE keys (a bounding box, as in Quest) and the mean key.
+// LatentIndex keeps the summaries of many segments in RAM as one dense row-major matrix
+// ([segment][layer][kv_head][2*head_dim] for the bounding box or [..][head_dim] for the mean)
+// and scores a new query's pre-RoPE Q vectors against every candidate segment.
+//
+// Scoring (docs/retrieval.md has the math and why the defaults are what they are):
+//   1. Query pooling. q[layer][q_head][token][dim] is cast to f32. The tokens are split into
+//      `token_chunks` contiguous chunks (0 = one chunk per token) and averaged per chunk. With
+//      HeadReduce::kMeanQuery the query heads of each GQA group are averaged too, so every
+//      (layer, kv_head, chunk) is one query vector; otherwise every query head is scored and the
+//      scores of its group reduced (mean or max) onto its KV head. Vectors are multiplied by
+//      ModelSpec::EffectiveAttnScale() (Gemma 3: query_pre_attn_scalar^-0.5 via attn_scale).
+//   2. Raw score per (segment, layer, kv_head, chunk): bounding-box upper bound
+//      sum_d max(q_d*min_d, q_d*max_d) (>= q.k for every key of the segment) or mean-key dot q.mu.
+//   3. Normalisation per (layer, kv_head, chunk) across the candidate segments: softmax,
+//      z-score or none.
+//   4. Aggregation over the (layer, kv_head, chunk) "votes" of a segment: mean, max or top_p
+//      (mean of the segment's highest ceil(top_p * votes) votes).
+//   5. Selection: pinned segments first (always included, their tokens count against the
+//      budget), then the rest by descending score while fewer than top_k were taken and the
+//      budget holds (a segment that does not fit is skipped, smaller ones may still fit).
+//      Hits are returned in original order: time_us, then session, turn, chunk.
+//
+// Thread-safety: KeySummary is a value. LatentIndex is safe for concurrent use: Search and the
+// const accessors take a shared lock, Add/Remove/SetPinned an exclusive one. Search itself runs on
+// up to IndexOptions::num_threads threads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <shared_mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "kvagent/dtype.h"
+#include "kvagent/hash.h"
+#include "kvagent/model_spec.h"
+#include "kvagent/segment.h"
+#include "kvagent/status.h"
+
+namespace kvagent {
+
+// ---------------------------------------------------------------------------------------------
+// KeySummary
+
+struct KeySummary {
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int num_tokens = 0;       // keys summarised (>= 1)
+  std::vector<int> layers;  // model layer indices kept, strictly ascending
+  // Each [layers.size()][num_kv_heads][head_dim], f32.
+  std::vector<float> min;
+  std::vector<float> max;
+  std::vector<float> mean;
+
+  size_t Offset(int layer_slot, int head) const {
+    return (static_cast<size_t>(layer_slot) * num_kv_heads + head) * static_cast<size_t>(head_dim);
+  }
+  // Slot of model layer `layer` in `layers`, or -1.
+  int LayerSlot(int layer) const;
+
+  // Summarises keys laid out as [num_layers][num_kv_heads][num_tokens][head_dim] (dense,
+  // element type `dtype`: f32, f16 or bf16). `layers`: model layer indices to keep (any order,
+  // no duplicates, each < num_layers); empty = all. InvalidArgument on bad shapes, dtype,
+  // layers or non-finite keys.
+  static StatusOr<KeySummary> FromKeys(const void* keys, DType dtype, int num_layers, int num_kv_heads,
+                                       int num_tokens, int head_dim, std::span<const int> layers = {});
+  // Same from a Segment's canonical payload (its K planes). InvalidArgument if the segment is
+  // invalid or its keys are not pre-RoPE.
+  static StatusOr<KeySummary> FromSegment(const Segment& segment, std::span<const int> layers = {});
+
+  // Stable bytes (kvagent/wire.h, checksummed). dtype f32 or f16. With f16, min is rounded
+  // toward -inf and max toward +inf so the box still bounds every key; mean rounds to nearest.
+  // Values outside the finite f16 range make the f16 form fall back to f32 (the tag says which).
+  std::string Serialize(DType dtype = DType::kF16) const;
+  // DataLoss on truncated, corrupt or inconsistent bytes.
+  static StatusOr<KeySummary> Deserialize(std::string_view bytes);
+
+  friend bool operator==(const KeySummary&, const KeySummary&) = default;
+};
+
+// Bounding-box bound of one query vector against one box: sum_d max(q_d*lo_d, q_d*hi_d).
+float BoxUpperBound(const float* q, const float* lo, const float* hi, int dim);
+
+// ---------------------------------------------------------------------------------------------
+// LatentIndex
+
+enum class ScoreKind : uint8_t { kBoundingBox = 0, kMeanKey = 1 };
+enum class TokenNorm : uint8_t { kNone = 0, kSoftmax = 1, kZScore = 2 };
+enum class Aggregation : uint8_t { kMean = 0, kMax = 1, kTopP = 2 };
+enum class HeadReduce : uint8_t {
+  kMeanQuery = 0,  // average the group's query vectors, score once per KV head (cheapest)
+  kMeanScore = 1,  // score every query head, average the scores of a group
+  kMaxScore = 2,   // score every query head, take the group's maximum
+};
+
+struct IndexOptions {
+  ScoreKind score = ScoreKind::kBoundingBox;
+  TokenNorm norm = TokenNorm::kSoftmax;
+  Aggregation agg = Aggregation::kMean;
+  HeadReduce head_reduce = HeadReduce::kMeanQuery;
+  // Model layers scored, in query order (the summaries must contain them). Empty = the default
+  // DefaultIndexLayers(num_layers): every layer up to 8 layers, else 8 evenly spaced ones.
+  std::vector<int> layers;
+  // Query tokens are averaged into this many contiguous chunks (capped at the token count);
+  // 0 = every query token votes separately.
+  int token_chunks = 4;
+  double top_p = 0.25;  // kTopP: fraction of a segment's votes averaged, in (0, 1]
+  // Element type of the in-memory matrix: f16 halves memory and bandwidth (min/max rounded
+  // outward so the bound still holds) or f32.
+  DType storage = DType::kF16;
+  int num_threads = 0;  // 0 = the cores this process may use (sched_getaffinity)
+};
+
+// Up to `count` evenly spaced layers of a `num_layers` model: floor((i + 0.5) * num_layers / count)
+// for i < count (Llama-3.1-8B, 32 layers: 2, 6, ..., 30); all layers when num_layers <= count
+// or count < 1.
+std::vector<int> DefaultIndexLayers(int num_layers, int count = 8);
+
+// Metadata of an indexed segment.
+struct IndexEntry {
+  Hash128 key;
+  std::string ns;
+  std::string agent;
+  std::string session;
+  int64_t turn = 0;
+  int32_t chunk = 0;
+  int64_t time_us = 0;
+  int64_t num_tokens = 0;  // >= 0, counted against SearchRequest::token_budget
+  bool pinned = false;     // always returned (system prompt, last turns)
+
+  friend bool operator==(const IndexEntry&, const IndexEntry&) = default;
+};
+
+// Query Q vectors, dense [num_layers][num_q_heads][num_tokens][head_dim]; layer i is
+// IndexOptions::layers[i] (or model layer i when that is empty). Not owned.
+struct QueryView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;  // f32, f16 or bf16
+  int num_layers = 0;
+  int num_q_heads = 0;
+  int num_tokens = 0;
+  int head_dim = 0;
+};
+
+struct SearchRequest {
+  int top_k = 5;                        // non-pinned hits at most; 0 = no count limit
+  std::optional<int64_t> token_budget;  // total num_tokens of all hits incl. pinned; none = no limit
+  std::vector<Hash128> pinned;          // extra keys to include (unknown keys are ignored)
+  // Filters; a segment is a candidate when it passes all set ones. Pinned segments must pass
+  // the namespace filter (a hard partition) but not the others.
+  std::optional<std::string> ns;
+  std::optional<std::string> agent;
+  std::optional<std::string> session;
+  std::optional<int64_t> min_time_us;  // inclusive
+  std::optional<int64_t> max_time_us;  // inclusive
+  bool explain = true;                 // fill Hit::breakdown
+};
+
+// One (layer, kv_head, query chunk) vote of a hit, after normalisation.
+struct Vote {
+  int layer = 0;  // model layer index
+  int kv_head = 0;
+  int token_begin = 0;  // query tokens [token_begin, token_end)
+  int token_end = 0;
+  float value = 0;
+};
+
+// Why a segment scored what it did: the mean normalised vote per layer, KV head and query chunk,
+// and the strongest individual votes.
+struct Breakdown {
+  std::vector<int> layers;        // model layer indices, matching per_layer
+  std::vector<float> per_layer;
+  std::vector<float> per_kv_head;
+  std::vector<float> per_chunk;
+  std::vector<std::pair<int, int>> chunk_tokens;  // [begin, end) query tokens of each chunk
+  std::vector<Vote> top_votes;    // up to 3, strongest first
+};
+
+struct Hit {
+  IndexEntry entry;
+  float score = 0;      // aggregated score (comparable within one search only)
+  int rank = 0;         // 0 = highest score among the hits
+  bool pinned = false;  // included because pinned (entry flag or request)
+  Breakdown breakdown;  // empty unless SearchRequest::explain
+};
+
+class LatentIndex {
+ public:
+  // InvalidArgument on an invalid spec or options (layers out of range or repeated, token_chunks
+  // < 0, top_p outside (0, 1], storage not f32/f16). Any head_dim works; multiples of 8 take
+  // the vectorised (AVX+FMA+F16C) path when the CPU has it.
+  static StatusOr<std::unique_ptr<LatentIndex>> Create(const ModelSpec& spec, IndexOptions options = {});
+
+  // Adds a segment. AlreadyExists if the key is present; InvalidArgument if the summary's
+  // geometry does not match the spec, lacks an indexed layer, entry.num_tokens < 0, or (f16
+  // storage) holds values beyond the f16 range. The index is unchanged on error.
+  Status Add(const IndexEntry& entry, const KeySummary& summary);
+  // Deserialises then adds (DataLoss on malformed bytes).
+  Status AddSerialized(const IndexEntry& entry, std::string_view summary_bytes);
+  // NotFound if absent.
+  Status Remove(const Hash128& key);
+  Status SetPinned(const Hash128& key, bool pinned);
+  bool Contains(const Hash128& key) const;
+  StatusOr<IndexEntry> Get(const Hash128& key) const;
+  size_t size() const;
+  // Bytes of the scoring matrix rows per segment, and in total (allocated).
+  size_t RowBytes() const { return row_bytes_; }
+  size_t MemoryBytes() const;
+
+  // Scores the candidates and selects hits (see the file comment). InvalidArgument on a query
+  // of the wrong shape or dtype; ResourceExhausted if candidates x layers x kv_heads x chunks
+  // exceeds 2^30 votes (4 GiB of scratch); empty result when nothing matches.
+  StatusOr<std::vector<Hit>> Search(const QueryView& query, const SearchRequest& request) const;
+
+  const ModelSpec& spec() const { return spec_; }
+  const IndexOptions& options() const { return options_; }
+  // Model layers scored, in query order.
+  const std::vector<int>& layers() const { return layers_; }
+
+  ~LatentIndex();
+
+ private:
+  LatentIndex(const ModelSpec& spec, IndexOptions options, std::vector<int> layers);
+  std::byte* RowPtr(size_t slot);
+  const std::byte* RowPtr(size_t slot) const;
+
+  ModelSpec spec_;
+  IndexOptions options_;
+  std::vector<int> layers_;
+  size_t row_elems_ = 0;  // elements of one segment's row
+  size_t row_bytes_ = 0;
+  size_t rows_per_block_ = 1;
+
+  mutable std::shared_mutex mu_;
+  // Rows live in fixed-size blocks (about 64 MiB) so growth never copies the matrix; slot i is
+  // row i % rows_per_block_ of block i / rows_per_block_. Removal moves the last row into the hole.
+  std::vector<std::unique_ptr<std::byte[]>> blocks_;
+  std::vector<IndexEntry> entries_;  // by slot
+  std::unordered_map<Hash128, size_t, Hash128Hasher> slot_of_;
+};
+
+}  // namespace kvagent

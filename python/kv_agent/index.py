@@ -1,0 +1,181 @@
+"""Latent-space retrieval over compressed keys (the C++ LatentIndex).
+
+A segment's pre-RoPE keys ``[L, H_kv, T, D]`` are summarised (per layer and KV head: the
+per-dimension min/max bounding box and the mean key) into bytes with :func:`summarize`; the
+bytes are what ``Segment.summary`` stores. :class:`LatentIndex` keeps many summaries in RAM and
+scores a new query's pre-RoPE Q vectors ``[L_sel, H_q, T_q, D]`` (for the index's layers, in
+``index.layers`` order) against them. See docs/retrieval.md for the math and the defaults.
+
+Arrays may be numpy arrays or CPU torch tensors of float32, float16 or bfloat16 (torch); they are
+made C-contiguous here and cross to C++ without a further copy. Search releases the GIL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kv_agent import _core
+from kv_agent._core import Hash128, IndexHit, ModelSpec
+from kv_agent.errors import InvalidArgumentError
+
+__all__ = ["Hit", "IndexOptions", "LatentIndex", "default_layers", "summarize", "summary_info"]
+
+Hit = IndexHit
+"""One retrieved segment: ``key, score, rank, pinned, ns, agent, session, turn, chunk, time_us,
+num_tokens`` and ``breakdown`` (dict: ``layers, per_layer, per_kv_head, per_chunk, chunk_tokens,
+top_votes``)."""
+
+
+def _as_array(x: Any, what: str) -> Any:
+    """A C-contiguous CPU array (numpy or torch) that nanobind can take without copying."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        if x.device.type != "cpu":
+            raise InvalidArgumentError(f"{what}: torch tensor must be on the CPU (got {x.device})")
+        return x.detach().contiguous()
+    import numpy as np
+
+    if not isinstance(x, np.ndarray):
+        raise InvalidArgumentError(f"{what}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    return np.ascontiguousarray(x)
+
+
+def summarize(keys: Any, layers: Sequence[int] | None = None, *, dtype: str = "f16") -> bytes:
+    """Compressed keys of one segment.
+
+    keys: ``[L, H_kv, T, D]`` pre-RoPE keys of every model layer (f32/f16/bf16).
+    layers: model layer indices to keep (``None`` = all ``L``); the index's layers must be among them.
+    dtype: ``"f16"`` (default: half the bytes; min rounded down and max up so the box still
+    bounds every key) or ``"f32"``.
+    Raises InvalidArgumentError on a wrong rank, dtype, layer list or non-finite keys.
+    """
+    arr = _as_array(keys, "keys")
+    return _core.index_summarize(arr, None if layers is None else [int(i) for i in layers], dtype)
+
+
+def summary_info(summary: bytes) -> dict:
+    """Decodes summary bytes (DataLossError if corrupt): layers, geometry, flat min/max/mean lists."""
+    return _core.index_summary_info(summary)
+
+
+def default_layers(num_layers: int, count: int = 8) -> list[int]:
+    """The layers an index scores by default: up to ``count`` evenly spaced layers."""
+    return _core.index_default_layers(num_layers, count)
+
+
+@dataclass
+class IndexOptions:
+    """Scoring options (fixed when the index is made).
+
+    score: ``"bbox"`` (bounding-box upper bound) or ``"mean"`` (mean-key dot product).
+    norm: per-(layer, head, query chunk) normalisation across segments: ``"softmax"``, ``"zscore"``, ``"none"``.
+    agg: aggregation of a segment's votes: ``"mean"``, ``"max"``, ``"top_p"`` (mean of the top
+        ``top_p`` fraction).
+    head_reduce: GQA: ``"mean_query"`` (average the group's queries first), ``"mean_score"``, ``"max_score"``.
+    layers: model layers scored (``None`` = :func:`default_layers`).
+    token_chunks: query tokens averaged into this many chunks (0 = every token votes).
+    storage: in-memory matrix dtype ``"f16"`` or ``"f32"``.
+    num_threads: scoring threads (0 = all cores).
+    """
+
+    score: str = "bbox"
+    norm: str = "softmax"
+    agg: str = "mean"
+    head_reduce: str = "mean_query"
+    layers: Sequence[int] | None = None
+    token_chunks: int = 4
+    top_p: float = 0.25
+    storage: str = "f16"
+    num_threads: int = 0
+
+
+class LatentIndex:
+    """In-memory index of segment summaries; thread-safe (searches run concurrently)."""
+
+    def __init__(self, spec: ModelSpec, options: IndexOptions | None = None):
+        self.options = options if options is not None else IndexOptions()
+        o = self.options
+        self.spec = spec
+        self._idx = _core._LatentIndex.create(
+            spec,
+            o.score,
+            o.norm,
+            o.agg,
+            o.head_reduce,
+            None if o.layers is None else [int(i) for i in o.layers],
+            int(o.token_chunks),
+            float(o.top_p),
+            o.storage,
+            int(o.num_threads),
+        )
+
+    @property
+    def layers(self) -> list[int]:
+        """Model layers scored, in the order of the query's first axis."""
+        return self._idx.layers
+
+    def add(
+        self,
+        key: Hash128,
+        summary: bytes,
+        *,
+        ns: str = "",
+        agent: str = "",
+        session: str = "",
+        turn: int = 0,
+        chunk: int = 0,
+        time_us: int = 0,
+        num_tokens: int,
+        pinned: bool = False,
+    ) -> None:
+        """Indexes a segment. AlreadyExistsError if ``key`` is present; InvalidArgumentError if the
+        summary does not fit the model or lacks an indexed layer; DataLossError on corrupt bytes."""
+        self._idx.add(key, bytes(summary), ns, agent, session, turn, chunk, time_us, num_tokens, pinned)
+
+    def remove(self, key: Hash128) -> None:
+        """NotFoundError if absent."""
+        self._idx.remove(key)
+
+    def set_pinned(self, key: Hash128, pinned: bool = True) -> None:
+        self._idx.set_pinned(key, pinned)
+
+    def __contains__(self, key: Hash128) -> bool:
+        return self._idx.contains(key)
+
+    def __len__(self) -> int:
+        return self._idx.size()
+
+    def memory_bytes(self) -> int:
+        return self._idx.memory_bytes()
+
+    def row_bytes(self) -> int:
+        """Bytes of the scoring matrix per segment."""
+        return self._idx.row_bytes()
+
+    def search(
+        self,
+        q: Any,
+        *,
+        top_k: int = 5,
+        token_budget: int | None = None,
+        pinned: Iterable[Hash128] = (),
+        ns: str | None = None,
+        agent: str | None = None,
+        session: str | None = None,
+        min_time_us: int | None = None,
+        max_time_us: int | None = None,
+        explain: bool = True,
+    ) -> list[Hit]:
+        """Top segments for pre-RoPE queries ``q`` ``[len(self.layers), H_q, T_q, D]``.
+
+        Pinned segments (flag at add, or listed here) are always returned when they are in
+        namespace ``ns``; their tokens count against ``token_budget``. ``top_k`` bounds the other
+        hits (0 = no bound). Hits come in original order (time, session, turn, chunk); ``rank``
+        orders them by score. Raises InvalidArgumentError on a wrong shape or dtype.
+        """
+        arr = _as_array(q, "q")
+        return self._idx.search(
+            arr, top_k, token_budget, list(pinned), ns, agent, session, min_time_us, max_time_us, explain
+        )
