@@ -1,6 +1,6 @@
 """Model loading and chat formatting for the transformers engine."""
 
-from kv_agent.models.chat import encode_gemma, gemma_prompt, gemma_turn
+from kv_agent.models.chat import encode_gemma, gemma_prompt, gemma_turn, newline_token_ids, qa_prompt
 from kv_agent.models.loader import (
     DEFAULT_MODEL_NAME,
     cache_root,
@@ -13,5 +13,6 @@ from kv_agent.models.loader import (
 
 __all__ = [
     "DEFAULT_MODEL_NAME", "cache_root", "convert_gguf", "default_gguf_path", "encode_gemma",
-    "gemma_prompt", "gemma_turn", "load_default_model", "load_model", "offline",
+    "gemma_prompt", "gemma_turn", "load_default_model", "load_model", "newline_token_ids", "offline",
+    "qa_prompt",
 ]

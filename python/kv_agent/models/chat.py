@@ -43,3 +43,24 @@ def encode_gemma(tokenizer, messages, add_generation_prompt: bool = True, system
     if add_bos and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def qa_prompt(question: str, context: str | None = None) -> str:
+    """Plain question/answer prompt for base (pretrained, not instruction-tuned) checkpoints.
+
+    The embedded default GGUF is the *pretrained* Gemma 3 270M: it ignores the turn format
+    (it echoes the question) but completes ``Question: ...\\nAnswer:`` well. ``context`` (e.g.
+    remembered facts) goes before the question. Stop decoding at a newline.
+    """
+    head = f"{context.rstrip()}\n\n" if context else ""
+    return f"{head}Question: {question.strip()}\nAnswer:"
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Ids of tokens that are only newlines (stop tokens for :func:`qa_prompt`)."""
+    out = []
+    for tok in ("\n", "\n\n", "\n\n\n"):
+        ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            out.append(ids[0])
+    return out
