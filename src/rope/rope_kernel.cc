@@ -1,0 +1,223 @@
+// CPU rotation: one cos/sin table per call (shared by all heads and layers of a spec), rows
+// widened to f32 in small stack buffers so the rotation loop has no aliasing and vectorises,
+// work split over (plane, head, token block) units across std::threads.
+#include "rope/rope_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+
+namespace kvagent::rope_detail {
+namespace {
+
+constexpr int64_t kMaxAbsPosition = int64_t{1} << 31;
+constexpr int64_t kTokenBlock = 512;
+constexpr size_t kElementsPerThread = size_t{1} << 16;  // below this, threads cost more than they save
+constexpr int kMaxHeadDim = 4096;
+
+void ParallelFor(int64_t n, int threads, const std::function<void(int64_t, int64_t)>& fn) {
+  threads = static_cast<int>(std::min<int64_t>(threads, n));
+  if (threads <= 1) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::vector<std::thread> workers;
+  workers.reserve(static_cast<size_t>(threads - 1));
+  auto range = [&](int k) { return std::pair<int64_t, int64_t>{n * k / threads, n * (k + 1) / threads}; };
+  for (int k = 1; k < threads; ++k) {
+    auto [b, e] = range(k);
+    workers.emplace_back([&fn, b, e] { fn(b, e); });
+  }
+  auto [b, e] = range(0);
+  fn(b, e);
+  for (std::thread& w : workers) w.join();
+}
+
+// Row conversions. bf16 widening is a shift; narrowing uses dtype.h's round-to-nearest-even.
+inline void LoadRow(const void* src, DType t, int n, float* __restrict dst) {
+  switch (t) {
+    case DType::kF32: std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n)); break;
+    case DType::kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int j = 0; j < n; ++j) dst[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16);
+      break;
+    }
+    case DType::kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int j = 0; j < n; ++j) dst[j] = F16ToF32(s[j]);
+      break;
+    }
+    default: break;
+  }
+}
+
+inline void StoreRow(const float* __restrict src, int n, DType t, void* dst) {
+  switch (t) {
+    case DType::kF32: std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n)); break;
+    case DType::kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int j = 0; j < n; ++j) d[j] = F32ToBF16(src[j]);
+      break;
+    }
+    case DType::kF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int j = 0; j < n; ++j) d[j] = F32ToF16(src[j]);
+      break;
+    }
+    default: break;
+  }
+}
+
+inline void RotateHalfSplit(const float* __restrict a, float* __restrict b, const float* __restrict c,
+                            const float* __restrict s, int half) {
+  for (int i = 0; i < half; ++i) {
+    const float x0 = a[i];
+    const float x1 = a[i + half];
+    b[i] = x0 * c[i] - x1 * s[i];
+    b[i + half] = x1 * c[i] + x0 * s[i];
+  }
+}
+
+inline void RotateInterleaved(const float* __restrict a, float* __restrict b, const float* __restrict c,
+                              const float* __restrict s, int half) {
+  for (int i = 0; i < half; ++i) {
+    const float x0 = a[2 * i];
+    const float x1 = a[2 * i + 1];
+    b[2 * i] = x0 * c[i] - x1 * s[i];
+    b[2 * i + 1] = x1 * c[i] + x0 * s[i];
+  }
+}
+
+struct Unit {
+  int32_t plane;
+  int32_t head;
+  int64_t t0;
+  int64_t t1;
+};
+
+// One (plane, head, token block). Compiled for AVX2 and baseline x86-64 where the compiler
+// supports function multi-versioning; the loader picks the variant for this CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void RotateUnit(const RopeFrequencies& freqs, const CosSinTable& table, const PlanePair& p, int64_t head, int64_t t0,
+                int64_t t1) {
+  const int dim = freqs.head_dim;
+  const int rot = freqs.rotary_dim;
+  const int half = rot / 2;
+  const size_t in_es = DTypeSize(p.in.dtype);
+  const size_t out_es = DTypeSize(p.out.dtype);
+  alignas(64) float a[kMaxHeadDim];
+  alignas(64) float b[kMaxHeadDim];
+  const auto* in_base = static_cast<const std::byte*>(p.in.data);
+  auto* out_base = static_cast<std::byte*>(p.out.data);
+  for (int64_t t = t0; t < t1; ++t) {
+    const std::byte* x = in_base + static_cast<size_t>(head * p.in.head_stride + t * p.in.token_stride) * in_es;
+    std::byte* y = out_base + static_cast<size_t>(head * p.out.head_stride + t * p.out.token_stride) * out_es;
+    LoadRow(x, p.in.dtype, dim, a);
+    const float* c = table.cos.data() + static_cast<size_t>(t) * half;
+    const float* s = table.sin.data() + static_cast<size_t>(t) * half;
+    if (freqs.style == RopeStyle::kHalfSplit) {
+      RotateHalfSplit(a, b, c, s, half);
+    } else {
+      RotateInterleaved(a, b, c, s, half);
+    }
+    for (int j = rot; j < dim; ++j) b[j] = a[j];
+    StoreRow(b, dim, p.out.dtype, y);
+  }
+}
+
+}  // namespace
+
+int ThreadsFor(const RopeOptions& options, size_t elements) {
+  int hw = static_cast<int>(std::thread::hardware_concurrency());
+  int limit = options.max_threads > 0 ? options.max_threads : std::max(hw, 1);
+  size_t by_work = std::max<size_t>(1, elements / kElementsPerThread);
+  return static_cast<int>(std::min<size_t>(static_cast<size_t>(limit), by_work));
+}
+
+CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> positions, double scale,
+                       bool negate_sin, int threads) {
+  CosSinTable t;
+  t.half = freqs.rotary_dim / 2;
+  t.tokens = static_cast<int64_t>(positions.size());
+  const size_t n = static_cast<size_t>(t.tokens) * static_cast<size_t>(t.half);
+  t.cos.resize(n);
+  t.sin.resize(n);
+  const double sin_scale = negate_sin ? -scale : scale;
+  const int work_threads = std::min(threads, std::max(1, static_cast<int>(n / 4096)));
+  ParallelFor(t.tokens, work_threads, [&](int64_t b, int64_t e) {
+    for (int64_t tok = b; tok < e; ++tok) {
+      const double p = static_cast<double>(positions[static_cast<size_t>(tok)]);
+      float* c = t.cos.data() + static_cast<size_t>(tok) * t.half;
+      float* s = t.sin.data() + static_cast<size_t>(tok) * t.half;
+      for (int i = 0; i < t.half; ++i) {
+        const double angle = p * static_cast<double>(freqs.inv_freq[static_cast<size_t>(i)]);
+        c[i] = static_cast<float>(std::cos(angle) * scale);
+        s[i] = static_cast<float>(std::sin(angle) * sin_scale);
+      }
+    }
+  });
+  return t;
+}
+
+void RotatePlanes(const RopeFrequencies& freqs, const CosSinTable& table, std::span<const PlanePair> planes,
+                  int threads) {
+  std::vector<Unit> units;
+  for (size_t pi = 0; pi < planes.size(); ++pi) {
+    for (int64_t h = 0; h < planes[pi].in.num_heads; ++h) {
+      for (int64_t t = 0; t < table.tokens; t += kTokenBlock) {
+        units.push_back(Unit{static_cast<int32_t>(pi), static_cast<int32_t>(h), t,
+                             std::min(table.tokens, t + kTokenBlock)});
+      }
+    }
+  }
+  ParallelFor(static_cast<int64_t>(units.size()), threads, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const Unit& w = units[static_cast<size_t>(u)];
+      RotateUnit(freqs, table, planes[static_cast<size_t>(w.plane)], w.head, w.t0, w.t1);
+    }
+  });
+}
+
+Status CheckView(const RopeTensorView& v, int64_t head_dim, const char* what) {
+  const std::string name(what);
+  if (v.dtype != DType::kF32 && v.dtype != DType::kF16 && v.dtype != DType::kBF16) {
+    return InvalidArgumentError("rope: " + name + " dtype must be f32, f16 or bf16, got " +
+                                std::string(DTypeName(v.dtype)));
+  }
+  if (v.num_heads < 0 || v.num_tokens < 0) return InvalidArgumentError("rope: " + name + " has a negative extent");
+  if (v.head_dim != head_dim) {
+    return InvalidArgumentError("rope: " + name + " last dimension is " + std::to_string(v.head_dim) +
+                                ", expected head_dim " + std::to_string(head_dim));
+  }
+  if (head_dim > kMaxHeadDim) return InvalidArgumentError("rope: head_dim above " + std::to_string(kMaxHeadDim));
+  if (v.num_heads == 0 || v.num_tokens == 0) return Status::Ok();
+  if (v.data == nullptr) return InvalidArgumentError("rope: " + name + " has no data");
+  if (v.head_stride < 0 || v.token_stride < 0) return InvalidArgumentError("rope: " + name + " has negative strides");
+  // Rows must not overlap: order the two outer strides and require each to clear the extent inside it.
+  struct Axis {
+    int64_t stride, count;
+  };
+  Axis inner{v.token_stride, v.num_tokens}, outer{v.head_stride, v.num_heads};
+  if (inner.count == 1 || (outer.count > 1 && outer.stride < inner.stride)) std::swap(inner, outer);
+  const bool ok = (inner.count == 1 || inner.stride >= head_dim) &&
+                  (outer.count == 1 || outer.stride >= std::max(inner.stride * inner.count, head_dim));
+  if (!ok) return InvalidArgumentError("rope: " + name + " rows overlap (strides too small for the shape)");
+  return Status::Ok();
+}
+
+Status CheckPositions(std::span<const int64_t> positions, const char* what) {
+  for (int64_t p : positions) {
+    if (p >= kMaxAbsPosition || p <= -kMaxAbsPosition) {
+      return InvalidArgumentError("rope: " + std::string(what) + " position " + std::to_string(p) +
+                                  " outside (-2^31, 2^31)");
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace kvagent::rope_detail
