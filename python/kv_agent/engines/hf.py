@@ -26,10 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-try:  # the C++ positioner; the torch stand-in is a development seam until it lands
-    from kv_agent import rope as _rope
-except ImportError:
-    from kv_agent.engines import _torch_rope as _rope
+from kv_agent import rope as _rope  # the C++ positioner
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
 # Layout of the per-head q/k norm's output: Qwen3 normalises before the head transpose,
@@ -129,7 +126,7 @@ class HFEngine:
         self.windows = [int(sw) if (t == "sliding_attention" and sw) else 0 for t in self.layer_types]
         # Softmax scale of q.k per layer (Gemma 3: query_pre_attn_scalar**-0.5, not head_dim**-0.5).
         self.attn_scale = float(self.attn[0].scaling)
-        self.rope_specs = [_rope.rope_spec_from_hf(cfg, t) for t in self.layer_types]
+        self.rope_specs = list(_rope.layer_rope_specs(cfg))[: self.num_layers]
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
@@ -234,9 +231,8 @@ class HFEngine:
     def rotate_keys(self, k: torch.Tensor, positions, layer: int, inverse: bool = False) -> torch.Tensor:
         """Applies (or undoes) layer ``layer``'s RoPE to keys [..., T, D] at ``positions`` [T]."""
         pos = torch.as_tensor(positions, dtype=torch.long).cpu()
-        out = _rope.apply(k.detach().cpu().contiguous(), pos.numpy(), self.rope_specs[layer],
-                          self.head_dim, inverse=inverse)
-        return torch.as_tensor(out).to(device=self.device, dtype=k.dtype)
+        out = _rope.apply(k.detach().cpu(), pos, self.rope_specs[layer], self.head_dim, inverse=inverse)
+        return out.to(device=self.device, dtype=k.dtype)
 
     def _check_kv(self, kv) -> torch.Tensor:
         kv = torch.as_tensor(kv)
