@@ -48,10 +48,15 @@ def test_real_model_capture_inject_equals_full_recompute(loaded):
 
     eng, tok = loaded
     assert eng.model_type == "gemma3_text" and eng.windows[0] == 512 and 0 in eng.windows
-    prefix = encode_gemma(tok, [("user", "You are a helpful assistant. Remember: the code is 4417."),
-                                ("model", "Understood.")], add_generation_prompt=False)
-    query = tok("<start_of_turn>user\nWhat is the code?<end_of_turn>\n<start_of_turn>model\n",
-                add_special_tokens=False)["input_ids"]
+    prefix = encode_gemma(
+        tok,
+        [("user", "You are a helpful assistant. Remember: the code is 4417."), ("model", "Understood.")],
+        add_generation_prompt=False,
+    )
+    query = tok(
+        "<start_of_turn>user\nWhat is the code?<end_of_turn>\n<start_of_turn>model\n",
+        add_special_tokens=False,
+    )["input_ids"]
     full = eng.model(input_ids=torch.tensor([prefix + query])).logits[0, -1]
     cap, _ = eng.capture(prefix)
     got = eng.prefill(query, eng.build_cache(cap.kv.numpy()))

@@ -29,24 +29,49 @@ TOL = 1e-4
 
 
 def _tiny(arch: str, attn: str = "eager"):
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                  head_dim=16, max_position_embeddings=256, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     if arch == "llama":
-        cfg = LlamaConfig(num_hidden_layers=3, num_key_value_heads=2,
-                          rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, **common)
+        cfg = LlamaConfig(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+            **common,
+        )
     elif arch == "qwen2":
-        cfg = Qwen2Config(num_hidden_layers=3, num_key_value_heads=2,
-                          rope_parameters={"rope_type": "default", "rope_theta": 500.0}, **common)
+        cfg = Qwen2Config(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+            **common,
+        )
     elif arch == "qwen3":
-        cfg = Qwen3Config(num_hidden_layers=3, num_key_value_heads=1,
-                          rope_parameters={"rope_type": "default", "rope_theta": 2000.0}, **common)
+        cfg = Qwen3Config(
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 2000.0},
+            **common,
+        )
     elif arch == "gemma3":
         cfg = Gemma3TextConfig(
-            num_hidden_layers=4, num_key_value_heads=1, sliding_window=6, query_pre_attn_scalar=24,
+            num_hidden_layers=4,
+            num_key_value_heads=1,
+            sliding_window=6,
+            query_pre_attn_scalar=24,
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
-            **common)
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+            **common,
+        )
     else:
         raise ValueError(arch)
     cfg._attn_implementation = attn
@@ -80,7 +105,7 @@ def _ids(n, seed):
 # ---------------------------------------------------------------- reference
 def _theta(cfg, layer_type):
     rp = cfg.rope_parameters
-    rp = rp[layer_type] if layer_type in rp else rp
+    rp = rp.get(layer_type, rp)
     return float(rp["rope_theta"])
 
 
@@ -89,7 +114,7 @@ def _rot(x, pos, theta):
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = torch.as_tensor(pos, dtype=torch.float64)[:, None] * inv
     c, s = torch.cos(ang).float(), torch.sin(ang).float()
-    a, b = x[..., : d // 2], x[..., d // 2:]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
 
 
@@ -219,8 +244,9 @@ def test_repositioning(eng, m):
     want, _ = eng.capture(probe, cache=cache_m, last_logits_only=False)
     assert torch.equal(got.positions, torch.arange(m + 9, m + 12))
     assert (got.logits - want.logits).abs().max() <= TOL
-    ref, _, _ = ref_forward(eng.model, probe, torch.arange(m + 9, m + 12), _ctx_from(at0.kv),
-                            torch.arange(m, m + 9))
+    ref, _, _ = ref_forward(
+        eng.model, probe, torch.arange(m + 9, m + 12), _ctx_from(at0.kv), torch.arange(m, m + 9)
+    )
     assert (got.logits - ref).abs().max() <= TOL
 
 
@@ -247,8 +273,10 @@ def test_planned_context_matches_frozen_reference(eng, seg_lens):
     for s in segs:
         _, skv, _ = ref_forward(eng.model, s, torch.arange(P, P + s.numel()), pkv, torch.arange(P))
         frozen.append(skv)
-    ctx = [(torch.cat([f[i][0] for f in frozen], 1), torch.cat([f[i][1] for f in frozen], 1))
-           for i in range(eng.num_layers)]
+    ctx = [
+        (torch.cat([f[i][0] for f in frozen], 1), torch.cat([f[i][1] for f in frozen], 1))
+        for i in range(eng.num_layers)
+    ]
     ref, _, _ = ref_forward(eng.model, query, torch.arange(total, total + 4), ctx, torch.arange(total))
     assert (got.logits - ref).abs().max() <= TOL
     assert (eng.prefill(query, eng.build_cache(plan)) - ref[-1]).abs().max() <= TOL
@@ -291,8 +319,9 @@ def test_generate_greedy_matches_hf_generate():
     ids = _ids(10, 40)
     cap, _ = eng.capture(ids[:6])
     res = eng.generate(ids[6:], eng.build_cache(cap.kv), max_new_tokens=6, eos_ids=[])
-    want = eng.model.generate(ids[None], max_new_tokens=6, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, 10:].tolist()
+    want = eng.model.generate(
+        ids[None], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, 10:].tolist()
     assert res.token_ids == want
     assert res.prefill_tokens == 4 and res.context_tokens == 6
 

@@ -62,18 +62,21 @@ class CapturedKV:
 
     def slice(self, start: int, stop: int) -> CapturedKV:
         """Tokens [start, stop) (for splitting a turn into chunks); logits are dropped."""
-        return CapturedKV(self.kv[:, :, :, start:stop].clone(), self.positions[start:stop].clone(),
-                          self.token_ids[start:stop].clone())
+        return CapturedKV(
+            self.kv[:, :, :, start:stop].clone(),
+            self.positions[start:stop].clone(),
+            self.token_ids[start:stop].clone(),
+        )
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[int]
     prefill_tokens: int
-    context_tokens: int          # tokens of injected KV the prefill attended to
-    prefill_s: float             # wall time of the prefill forward
-    ttft_s: float                # prefill + first token selection
-    decode_s: float              # wall time of the decode steps after the first token
+    context_tokens: int  # tokens of injected KV the prefill attended to
+    prefill_s: float  # wall time of the prefill forward
+    ttft_s: float  # prefill + first token selection
+    decode_s: float  # wall time of the decode steps after the first token
     total_s: float
     first_logits: torch.Tensor = field(repr=False, default=None)  # [vocab] after the prefill
 
@@ -102,13 +105,17 @@ class HFEngine:
     """
 
     def __init__(self, model, tokenizer=None):
-        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") \
+        cfg = (
+            model.config.get_text_config(decoder=True)
+            if hasattr(model.config, "get_text_config")
             else model.config
+        )
         mt = getattr(cfg, "model_type", None)
         if mt not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"transformers adapter supports model types {SUPPORTED_MODEL_TYPES}; got {mt!r} "
-                f"({type(model).__name__})")
+                f"({type(model).__name__})"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.config = cfg
@@ -155,6 +162,7 @@ class HFEngine:
                         raise _StopForward
                 else:
                     rec[kind][i] = to_bhtd(out).detach().clone()
+
             return hook
 
         try:
@@ -175,8 +183,13 @@ class HFEngine:
     def _forward(self, ids: torch.Tensor, cache, start: int, last_logits_only: bool):
         pos = torch.arange(start, start + ids.numel(), device=self.device).unsqueeze(0)
         kwargs = {"logits_to_keep": 1} if last_logits_only else {}
-        out = self.model(input_ids=ids.to(self.device).unsqueeze(0), position_ids=pos, cache=cache,
-                         use_cache=True, **kwargs)
+        out = self.model(
+            input_ids=ids.to(self.device).unsqueeze(0),
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            **kwargs,
+        )
         return out.logits[0], out.cache if hasattr(out, "cache") else out.past_key_values
 
     @staticmethod
@@ -190,8 +203,9 @@ class HFEngine:
         return DynamicCache(config=self.model.config)
 
     @torch.no_grad()
-    def capture(self, token_ids, cache=None, start: int | None = None,
-                last_logits_only: bool = True) -> tuple[CapturedKV, object]:
+    def capture(
+        self, token_ids, cache=None, start: int | None = None, last_logits_only: bool = True
+    ) -> tuple[CapturedKV, object]:
         """Runs the tokens after ``cache`` (positions start..start+T-1) and records their KV.
 
         ``cache`` is a transformers Cache holding the context (None = empty); it is extended in
@@ -207,8 +221,9 @@ class HFEngine:
         if start is None:
             start = self._next_pos(cache)
         elif start != self._next_pos(cache) and cache.get_seq_length() > 0:
-            raise ValueError(f"capture: start {start} does not continue the cache (next position "
-                             f"{self._next_pos(cache)})")
+            raise ValueError(
+                f"capture: start {start} does not continue the cache (next position {self._next_pos(cache)})"
+            )
         with self._hooks(want_kv=True) as rec:
             logits, cache = self._forward(ids, cache, start, last_logits_only)
         k = torch.stack(rec["k"])  # [L, Hkv, T, D]
@@ -238,8 +253,10 @@ class HFEngine:
         kv = torch.as_tensor(kv)
         want = (self.num_layers, 2, self.num_kv_heads, self.head_dim)
         if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != want:
-            raise ValueError(f"kv must be [layers={want[0]}, 2, kv_heads={want[2]}, tokens, "
-                             f"head_dim={want[3]}], got {tuple(kv.shape)}")
+            raise ValueError(
+                f"kv must be [layers={want[0]}, 2, kv_heads={want[2]}, tokens, "
+                f"head_dim={want[3]}], got {tuple(kv.shape)}"
+            )
         return kv
 
     @torch.no_grad()
@@ -289,11 +306,11 @@ class HFEngine:
             raise ValueError(f"layers must be within [0, {self.num_layers}), got {layers}")
         cache = self.build_cache(prefix_kv) if prefix_kv is not None else self.new_cache()
         start = self._next_pos(cache)
-        with self._hooks(want_kv=False, q_layers=layers, stop_after=layers[-1]) as rec:
-            try:
-                self._forward(ids, cache, start, last_logits_only=True)
-            except _StopForward:
-                pass
+        with (
+            self._hooks(want_kv=False, q_layers=layers, stop_after=layers[-1]) as rec,
+            contextlib.suppress(_StopForward),
+        ):
+            self._forward(ids, cache, start, last_logits_only=True)
         return {i: rec["q"][i] for i in layers}
 
     # ------------------------------------------------------- prefill / decode
@@ -324,8 +341,9 @@ class HFEngine:
         t_end = time.perf_counter()
         if out and out[-1] in eos:
             out = out[:-1]
-        return GenerationResult(out, int(ids.numel()), ctx, t_pre - t0, t_first - t0, t_end - t_first,
-                                t_end - t0, first_logits)
+        return GenerationResult(
+            out, int(ids.numel()), ctx, t_pre - t0, t_first - t0, t_end - t_first, t_end - t0, first_logits
+        )
 
     def default_eos_ids(self) -> list[int]:
         ids = set()

@@ -12,7 +12,16 @@ from kv_agent.models.loader import (
 )
 
 __all__ = [
-    "DEFAULT_MODEL_NAME", "cache_root", "convert_gguf", "default_gguf_path", "encode_gemma",
-    "gemma_prompt", "gemma_turn", "load_default_model", "load_model", "newline_token_ids", "offline",
+    "DEFAULT_MODEL_NAME",
+    "cache_root",
+    "convert_gguf",
+    "default_gguf_path",
+    "encode_gemma",
+    "gemma_prompt",
+    "gemma_turn",
+    "load_default_model",
+    "load_model",
+    "newline_token_ids",
+    "offline",
     "qa_prompt",
 ]

@@ -15,8 +15,9 @@ def gemma_turn(role: str, text: str) -> str:
     return f"{START}{role}\n{text}{END}\n"
 
 
-def gemma_prompt(messages: Sequence[tuple[str, str]] | str, add_generation_prompt: bool = True,
-                 system: str | None = None) -> str:
+def gemma_prompt(
+    messages: Sequence[tuple[str, str]] | str, add_generation_prompt: bool = True, system: str | None = None
+) -> str:
     """Formats a conversation as Gemma 3 expects, without the BOS token (the tokenizer adds it).
 
     ``messages`` is a user string or a list of (role, text) with roles "user"/"model"
@@ -36,10 +37,13 @@ def gemma_prompt(messages: Sequence[tuple[str, str]] | str, add_generation_promp
     return "".join(out)
 
 
-def encode_gemma(tokenizer, messages, add_generation_prompt: bool = True, system: str | None = None,
-                 add_bos: bool = True) -> list[int]:
+def encode_gemma(
+    tokenizer, messages, add_generation_prompt: bool = True, system: str | None = None, add_bos: bool = True
+) -> list[int]:
     """Token ids of :func:`gemma_prompt`, with exactly one BOS at the start when ``add_bos``."""
-    ids = tokenizer(gemma_prompt(messages, add_generation_prompt, system), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(gemma_prompt(messages, add_generation_prompt, system), add_special_tokens=False)[
+        "input_ids"
+    ]
     if add_bos and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     return ids

@@ -69,8 +69,14 @@ def _resolve_dtype(dtype):
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str):
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     return dtype
 
 
@@ -90,8 +96,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
         )
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                            local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+        )
     # The weights are dequantised float32 now; drop the GGUF quantizer marker so they save as plain
     # safetensors (transformers refuses to serialise a model it believes is still quantised).
     model.hf_quantizer = None
@@ -132,7 +139,9 @@ def load_model(path: str | Path, dtype=None, device: str = "cpu", attn_implement
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     with offline():
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=_resolve_dtype(dtype), local_files_only=True,
+            str(path),
+            dtype=_resolve_dtype(dtype),
+            local_files_only=True,
             attn_implementation=attn_implementation,
         )
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
