@@ -1,0 +1,1 @@
+"""Engine adapters: engine KV layout <-> kv_agent's canonical layout."""

@@ -1,0 +1,361 @@
+"""Hugging Face transformers adapter: capture pre-RoPE KV, inject planned KV, prefill, decode.
+
+Canonical layout (DESIGN.md): ``kv[layer, 0|1, kv_head, token, dim]`` with index 0 = K stored
+pre-RoPE (after any per-head q/k norm, before rotation) and 1 = V. Positions are int64.
+
+Capture: forward hooks on each attention module's k/v producers (``k_norm`` when the model has
+one, else ``k_proj``; ``v_proj``) record every token's K and V exactly as the model computes them,
+before rotation, for every layer, independently of what the cache keeps (Gemma 3 local layers'
+window caches drop old tokens; the hooks do not). See docs/engine-hf.md for why hooks rather
+than un-rotating post-RoPE cache keys.
+
+Injection: ``build_cache`` rotates pre-RoPE keys to their planned positions with
+``kv_agent.rope`` (the C++ positioner) and fills a ``DynamicCache`` layer by layer; sliding
+window layers receive only the last ``window - 1`` tokens (all a later query can see) and the
+cache's cumulative length is set to the full context so HF builds the right masks.
+
+Thread-safety: an HFEngine is not thread-safe (hooks are installed on the shared model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kv_agent import rope as _rope  # the C++ positioner
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
+# Layout of the per-head q/k norm's output: Qwen3 normalises before the head transpose,
+# Gemma 3 after it.
+_NORM_LAYOUT = {"qwen3": "bthd", "gemma3_text": "bhtd"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one the transformers adapter knows how to capture."""
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward once the wanted layers are computed."""
+
+
+@dataclass
+class CapturedKV:
+    """KV of a token span as the model produced it.
+
+    kv: float tensor [layers, 2, kv_heads, tokens, head_dim]; K pre-RoPE, V as is.
+    positions: int64 tensor [tokens], the positions the tokens were encoded at.
+    token_ids: int64 tensor [tokens].
+    logits: float tensor [tokens, vocab] of the span (only the last row when last_logits_only).
+    """
+
+    kv: torch.Tensor
+    positions: torch.Tensor
+    token_ids: torch.Tensor
+    logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.kv.shape[3])
+
+    def slice(self, start: int, stop: int) -> CapturedKV:
+        """Tokens [start, stop) (for splitting a turn into chunks); logits are dropped."""
+        return CapturedKV(
+            self.kv[:, :, :, start:stop].clone(),
+            self.positions[start:stop].clone(),
+            self.token_ids[start:stop].clone(),
+        )
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    prefill_tokens: int
+    context_tokens: int  # tokens of injected KV the prefill attended to
+    prefill_s: float  # wall time of the prefill forward
+    ttft_s: float  # prefill + first token selection
+    decode_s: float  # wall time of the decode steps after the first token
+    total_s: float
+    first_logits: torch.Tensor = field(repr=False, default=None)  # [vocab] after the prefill
+
+
+def _as_ids(ids) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise ValueError(f"token ids must be 1-D (one sequence), got shape {tuple(t.shape)}")
+    return t
+
+
+def concat_kv(parts) -> torch.Tensor:
+    """Concatenates canonical KV arrays (torch or numpy) along the token axis."""
+    ts = [torch.as_tensor(p) for p in parts if p is not None and p.shape[3] > 0]
+    if not ts:
+        raise ValueError("concat_kv needs at least one non-empty part")
+    return torch.cat(ts, dim=3)
+
+
+class HFEngine:
+    """Adapter around a loaded transformers causal LM (Llama, Qwen2, Qwen3, Gemma 3 text).
+
+    Shapes use L = layers, Hkv = KV heads, Hq = query heads, D = head_dim, T = tokens.
+    """
+
+    def __init__(self, model, tokenizer=None):
+        cfg = (
+            model.config.get_text_config(decoder=True)
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
+        mt = getattr(cfg, "model_type", None)
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"transformers adapter supports model types {SUPPORTED_MODEL_TYPES}; got {mt!r} "
+                f"({type(model).__name__})"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = cfg
+        self.model_type = mt
+        base = model.model
+        self.layers = list(base.layers[: cfg.num_hidden_layers])
+        self.attn = [layer.self_attn for layer in self.layers]
+        self.num_layers = cfg.num_hidden_layers
+        self.num_q_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * self.num_layers
+        self.layer_types = list(types[: self.num_layers])
+        sw = getattr(cfg, "sliding_window", None)
+        self.windows = [int(sw) if (t == "sliding_attention" and sw) else 0 for t in self.layer_types]
+        # Softmax scale of q.k per layer (Gemma 3: query_pre_attn_scalar**-0.5, not head_dim**-0.5).
+        self.attn_scale = float(self.attn[0].scaling)
+        self.rope_specs = list(_rope.layer_rope_specs(cfg))[: self.num_layers]
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def _hooks(self, want_kv: bool, q_layers=(), stop_after: int | None = None):
+        """Records pre-RoPE K/V (all layers) and/or pre-RoPE Q (q_layers) of the next forward."""
+        rec = {"k": [None] * self.num_layers, "v": [None] * self.num_layers, "q": {}}
+        handles = []
+        D = self.head_dim
+
+        norm_layout = _NORM_LAYOUT.get(self.model_type)
+
+        def to_bhtd(out):
+            # [B, T, H*D] (projection) or the per-head norm's output -> [H, T, D]
+            if out.dim() == 3:
+                b, t, _ = out.shape
+                return out.view(b, t, -1, D).transpose(1, 2)[0]
+            return out[0].transpose(0, 1) if norm_layout == "bthd" else out[0]
+
+        def make(kind, i):
+            def hook(_mod, _inp, out):
+                if kind == "q":
+                    rec["q"][i] = to_bhtd(out).detach().clone()
+                    if stop_after is not None and i == stop_after:
+                        raise _StopForward
+                else:
+                    rec[kind][i] = to_bhtd(out).detach().clone()
+
+            return hook
+
+        try:
+            for i, a in enumerate(self.attn):
+                if want_kv:
+                    kmod = getattr(a, "k_norm", None) or a.k_proj
+                    handles.append(kmod.register_forward_hook(make("k", i)))
+                    handles.append(a.v_proj.register_forward_hook(make("v", i)))
+                if i in q_layers:
+                    qmod = getattr(a, "q_norm", None) or a.q_proj
+                    handles.append(qmod.register_forward_hook(make("q", i)))
+            yield rec
+        finally:
+            for h in handles:
+                h.remove()
+
+    # --------------------------------------------------------------- forward
+    def _forward(self, ids: torch.Tensor, cache, start: int, last_logits_only: bool):
+        pos = torch.arange(start, start + ids.numel(), device=self.device).unsqueeze(0)
+        kwargs = {"logits_to_keep": 1} if last_logits_only else {}
+        out = self.model(
+            input_ids=ids.to(self.device).unsqueeze(0),
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits[0], out.cache if hasattr(out, "cache") else out.past_key_values
+
+    @staticmethod
+    def _next_pos(cache) -> int:
+        """Position of the next token fed after ``cache`` (build_cache may start at an offset)."""
+        return getattr(cache, "kv_agent_start", 0) + cache.get_seq_length()
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def capture(
+        self, token_ids, cache=None, start: int | None = None, last_logits_only: bool = True
+    ) -> tuple[CapturedKV, object]:
+        """Runs the tokens after ``cache`` (positions start..start+T-1) and records their KV.
+
+        ``cache`` is a transformers Cache holding the context (None = empty); it is extended in
+        place and returned, so turns can be captured one after another. ``start`` defaults to the
+        cache's length. Returns (CapturedKV with kv [L, 2, Hkv, T, D], cache).
+        """
+        ids = _as_ids(token_ids)
+        if ids.numel() == 0:
+            raise ValueError("capture needs at least one token")
+        if cache is None:
+            cache = self.new_cache()
+            cache.kv_agent_start = int(start or 0)
+        if start is None:
+            start = self._next_pos(cache)
+        elif start != self._next_pos(cache) and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"capture: start {start} does not continue the cache (next position {self._next_pos(cache)})"
+            )
+        with self._hooks(want_kv=True) as rec:
+            logits, cache = self._forward(ids, cache, start, last_logits_only)
+        k = torch.stack(rec["k"])  # [L, Hkv, T, D]
+        v = torch.stack(rec["v"])
+        kv = torch.stack([k, v], dim=1)
+        positions = torch.arange(start, start + ids.numel(), dtype=torch.long)
+        return CapturedKV(kv, positions, ids.clone(), logits), cache
+
+    @torch.no_grad()
+    def capture_turns(self, turns, start: int = 0, cache=None) -> tuple[list[CapturedKV], object]:
+        """Captures a sequence of token spans (e.g. [system prefix, turn 1, turn 2, ...]) in order,
+        each attending to all earlier ones. Returns one CapturedKV per span and the cache."""
+        out = []
+        for t in turns:
+            c, cache = self.capture(t, cache=cache, start=None if cache is not None else start)
+            out.append(c)
+        return out, cache
+
+    # ------------------------------------------------------------- injection
+    def rotate_keys(self, k: torch.Tensor, positions, layer: int, inverse: bool = False) -> torch.Tensor:
+        """Applies (or undoes) layer ``layer``'s RoPE to keys [..., T, D] at ``positions`` [T]."""
+        pos = torch.as_tensor(positions, dtype=torch.long).cpu()
+        out = _rope.apply(k.detach().cpu(), pos, self.rope_specs[layer], self.head_dim, inverse=inverse)
+        return out.to(device=self.device, dtype=k.dtype)
+
+    def _check_kv(self, kv) -> torch.Tensor:
+        kv = torch.as_tensor(kv)
+        want = (self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != want:
+            raise ValueError(
+                f"kv must be [layers={want[0]}, 2, kv_heads={want[2]}, tokens, "
+                f"head_dim={want[3]}], got {tuple(kv.shape)}"
+            )
+        return kv
+
+    @torch.no_grad()
+    def build_cache(self, kv, start: int = 0):
+        """A DynamicCache holding ``kv`` [L, 2, Hkv, P, D] (pre-RoPE K) at positions start..start+P-1.
+
+        The planned context is contiguous: token i of ``kv`` is placed at position start + i
+        (transformers masks by cache index, so contiguity is what keeps causal and sliding-window
+        masks right; ``start`` only shifts the rotation, and later forwards on this cache continue
+        at start + P). Sliding-window layers keep only the last window - 1 tokens, as
+        transformers' own cache would.
+        """
+        kv = self._check_kv(kv)
+        if start < 0:
+            raise ValueError(f"build_cache: start must be >= 0, got {start}")
+        P = int(kv.shape[3])
+        cache = self.new_cache()
+        cache.kv_agent_start = int(start)
+        if P == 0:
+            return cache
+        for i, layer in enumerate(cache.layers):
+            w = self.windows[i]
+            lo = max(0, P - (w - 1)) if w else 0
+            k = kv[i, 0, :, lo:].to(device=self.device, dtype=self.dtype)
+            v = kv[i, 1, :, lo:].to(device=self.device, dtype=self.dtype)
+            k = self.rotate_keys(k, torch.arange(start + lo, start + P), i)
+            layer.update(k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous())
+            if w:
+                layer.cumulative_length = P  # tokens dropped above still count for masks/positions
+        return cache
+
+    # ------------------------------------------------------------- retrieval
+    @torch.no_grad()
+    def query_q(self, query_ids, prefix_kv=None, layers=None) -> dict[int, torch.Tensor]:
+        """Pre-RoPE queries of the new query tokens for retrieval scoring.
+
+        The query tokens are run after the (injected) system prefix only, at positions
+        P..P+T-1, and the forward stops right after the last requested layer's q projection
+        (+ q_norm) is computed. Cost: T tokens through max(layers)+1 layers (the last only up to
+        q), attention over P + T keys; nothing of it is reused by the later prefill (there the
+        query attends to the retrieved context too). Returns {layer: q [Hq, T, D]} (after q_norm
+        for Gemma 3/Qwen3, before rotation). ``layers`` defaults to all layers.
+        """
+        ids = _as_ids(query_ids)
+        layers = sorted(set(range(self.num_layers) if layers is None else layers))
+        if not layers or layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise ValueError(f"layers must be within [0, {self.num_layers}), got {layers}")
+        cache = self.build_cache(prefix_kv) if prefix_kv is not None else self.new_cache()
+        start = self._next_pos(cache)
+        with (
+            self._hooks(want_kv=False, q_layers=layers, stop_after=layers[-1]) as rec,
+            contextlib.suppress(_StopForward),
+        ):
+            self._forward(ids, cache, start, last_logits_only=True)
+        return {i: rec["q"][i] for i in layers}
+
+    # ------------------------------------------------------- prefill / decode
+    @torch.no_grad()
+    def prefill(self, token_ids, cache) -> torch.Tensor:
+        """Runs only ``token_ids`` after the context in ``cache`` (extended in place); returns the
+        last token's logits [vocab]."""
+        ids = _as_ids(token_ids)
+        logits, _ = self._forward(ids, cache, self._next_pos(cache), last_logits_only=True)
+        return logits[-1]
+
+    @torch.no_grad()
+    def generate(self, token_ids, cache=None, max_new_tokens: int = 64, eos_ids=None) -> GenerationResult:
+        """Greedy decoding of ``token_ids`` after ``cache`` (e.g. from build_cache)."""
+        t0 = time.perf_counter()
+        cache = cache if cache is not None else self.new_cache()
+        ctx = cache.get_seq_length()
+        ids = _as_ids(token_ids)
+        logits = self.prefill(ids, cache)
+        t_pre = time.perf_counter()
+        first_logits = logits.detach().float().cpu()
+        eos = set(self.default_eos_ids() if eos_ids is None else eos_ids)
+        out = [int(torch.argmax(logits))]
+        t_first = time.perf_counter()
+        while len(out) < max_new_tokens and out[-1] not in eos:
+            logits = self.prefill([out[-1]], cache)
+            out.append(int(torch.argmax(logits)))
+        t_end = time.perf_counter()
+        if out and out[-1] in eos:
+            out = out[:-1]
+        return GenerationResult(
+            out, int(ids.numel()), ctx, t_pre - t0, t_first - t0, t_end - t_first, t_end - t0, first_logits
+        )
+
+    def default_eos_ids(self) -> list[int]:
+        ids = set()
+        gc = getattr(self.model, "generation_config", None)
+        for src in (getattr(gc, "eos_token_id", None), getattr(self.config, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(x) for x in src)
+        if self.tokenizer is not None:
+            for tok in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):
+                tid = self.tokenizer.convert_tokens_to_ids(tok)
+                if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None):
+                    ids.add(tid)
+        return sorted(ids)

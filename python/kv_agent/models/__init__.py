@@ -1,0 +1,27 @@
+"""Model loading and chat formatting for the transformers engine."""
+
+from kv_agent.models.chat import encode_gemma, gemma_prompt, gemma_turn, newline_token_ids, qa_prompt
+from kv_agent.models.loader import (
+    DEFAULT_MODEL_NAME,
+    cache_root,
+    convert_gguf,
+    default_gguf_path,
+    load_default_model,
+    load_model,
+    offline,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "cache_root",
+    "convert_gguf",
+    "default_gguf_path",
+    "encode_gemma",
+    "gemma_prompt",
+    "gemma_turn",
+    "load_default_model",
+    "load_model",
+    "newline_token_ids",
+    "offline",
+    "qa_prompt",
+]
