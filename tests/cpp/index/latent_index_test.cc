@@ -27,8 +27,8 @@ Fixture MakeFixture(std::mt19937& rng, const ModelSpec& spec, int segments) {
   for (int i = 0; i < segments; ++i) {
     const int T = tok(rng);
     auto k = RandomKeys(rng, spec.num_layers, spec.num_kv_heads, T, spec.head_dim);
-    f.sums.push_back(KeySummary::FromKeys(k.data(), DType::kF32, spec.num_layers, spec.num_kv_heads, T,
-                                          spec.head_dim).value());
+    f.sums.push_back(
+        KeySummary::FromKeys(k.data(), DType::kF32, spec.num_layers, spec.num_kv_heads, T, spec.head_dim).value());
     IndexEntry e;
     e.key = MemoryKey("ns", "s" + std::to_string(i % 3), i, 0);
     e.ns = i % 5 == 4 ? "other" : "ns";
