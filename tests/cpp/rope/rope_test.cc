@@ -319,3 +319,30 @@ TEST(RopeTypes, SupportedList) {
 
 }  // namespace
 }  // namespace kvagent
+
+namespace kvagent {
+namespace {
+
+// The bf16 store path must round exactly like F32ToBF16 for special values too.
+TEST(RopeApply, Bf16SpecialValuesRoundLikeDtypeH) {
+  const int dim = 64, tokens = 4;
+  std::vector<uint16_t> x(static_cast<size_t>(tokens) * dim);
+  std::mt19937 rng(5);
+  const uint16_t specials[] = {0x7f80, 0xff80, 0x7fc0, 0x7f81, 0xffc1, 0x7f7f, 0xff7f, 0x0001, 0x8001, 0x0000, 0x8000};
+  for (size_t i = 0; i < x.size(); ++i) x[i] = i % 3 == 0 ? specials[rng() % std::size(specials)] : rng() & 0xffff;
+  std::vector<float> wide(x.size()), y32(x.size());
+  for (size_t i = 0; i < x.size(); ++i) wide[i] = BF16ToF32(x[i]);
+  std::vector<uint16_t> y(x.size());
+  std::vector<int64_t> pos = {1, 17, 12345, 999999};
+  RopeSpec s;
+  ASSERT_TRUE(RopeApply(s, dim, RopeTensorView::Dense(wide.data(), DType::kF32, 1, tokens, dim),
+                        RopeTensorView::Dense(y32.data(), DType::kF32, 1, tokens, dim), pos, RopeDirection::kForward)
+                  .ok());
+  ASSERT_TRUE(RopeApply(s, dim, RopeTensorView::Dense(x.data(), DType::kBF16, 1, tokens, dim),
+                        RopeTensorView::Dense(y.data(), DType::kBF16, 1, tokens, dim), pos, RopeDirection::kForward)
+                  .ok());
+  for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], F32ToBF16(y32[i])) << i << " " << y32[i];
+}
+
+}  // namespace
+}  // namespace kvagent
