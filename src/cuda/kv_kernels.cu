@@ -340,26 +340,6 @@ cudaError_t LaunchTyped(const MoveParams& p, int vec, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-__global__ void BatchedCopyKernel(const CopyDesc* descs, int count) {
-  // One block per descriptor range, grid-stride over descriptors for large batches.
-  for (int c = blockIdx.x; c < count; c += gridDim.x) {
-    const CopyDesc d = descs[c];
-    const char* s = static_cast<const char*>(d.src);
-    char* t = static_cast<char*>(d.dst);
-    uint64_t n = d.bytes;
-    bool aligned = ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(t)) & 15u) == 0;
-    uint64_t done = 0;
-    if (aligned) {
-      uint64_t n16 = n / 16;
-      const uint4* s4 = reinterpret_cast<const uint4*>(s);
-      uint4* t4 = reinterpret_cast<uint4*>(t);
-      for (uint64_t i = threadIdx.x; i < n16; i += blockDim.x) t4[i] = s4[i];
-      done = n16 * 16;
-    }
-    for (uint64_t i = done + threadIdx.x; i < n; i += blockDim.x) t[i] = s[i];
-  }
-}
-
 }  // namespace
 
 size_t MoveSharedBytes(int max_half) {
@@ -378,13 +358,6 @@ cudaError_t LaunchMove(const MoveParams& p, int vec, cudaStream_t stream) {
                         : LaunchTyped<__nv_bfloat16, false>(p, vec, stream);
   }
   return cudaErrorInvalidValue;
-}
-
-cudaError_t LaunchBatchedCopy(const CopyDesc* descs_device, int count, cudaStream_t stream) {
-  if (count <= 0) return cudaSuccess;
-  int blocks = count < 4096 ? count : 4096;
-  BatchedCopyKernel<<<blocks, 256, 0, stream>>>(descs_device, count);
-  return cudaGetLastError();
 }
 
 }  // namespace kvagent::cuda::kernels

@@ -92,14 +92,4 @@ cudaError_t LaunchMove(const MoveParams& p, int vec, cudaStream_t stream);
 // Bytes of dynamic shared memory LaunchMove uses for `max_half` frequencies.
 size_t MoveSharedBytes(int max_half);
 
-// Many small copies in one launch: copies[i] moves bytes[i] from src[i] to dst[i] (any memory
-// the device can address, e.g. mapped pinned host memory). 16-byte accesses where both
-// pointers and the size allow it.
-struct CopyDesc {
-  const void* src;
-  void* dst;
-  uint64_t bytes;
-};
-cudaError_t LaunchBatchedCopy(const CopyDesc* descs_device, int count, cudaStream_t stream);
-
 }  // namespace kvagent::cuda::kernels
