@@ -152,6 +152,9 @@ struct MoveOptions {
   int layer_begin = 0;           // model layer of the first layer moved: view.k_layers[i] is model
                                  // layer layer_begin + i; spans are read/written from that layer
   int num_layers = -1;           // layers moved; -1 = all of the view's layers
+  int span_layer_begin = -1;     // layer of the spans' data paired with layer_begin; -1: same as
+                                 // layer_begin (spans hold every layer). E.g. 0 for a staging
+                                 // buffer that holds only the moved layers.
   bool int8_source = false;      // spans hold int8 + scales (LoadToEngine only)
   DType canonical_dtype = DType::kBF16;  // element type of non-int8 spans; must equal view dtype
   Rotation rotation = Rotation::kNone;

@@ -75,6 +75,7 @@ Status Move(std::span<const CanonicalSpan> spans, const EngineKvView& view, cons
   if (n_layers < 1 || n_layers > view.num_layers())
     return bad("num_layers " + std::to_string(n_layers) + " outside [1, " + std::to_string(view.num_layers()) + "]");
   if (o.layer_begin < 0) return bad("layer_begin must be >= 0");
+  if (o.span_layer_begin < -1) return bad("span_layer_begin must be >= 0, or -1");
   if (o.int8_source && !to_engine) return bad("int8 canonical spans are read-only (dequantised on load)");
   if (!o.int8_source && o.canonical_dtype != view.dtype)
     return bad("canonical dtype " + std::string(DTypeName(o.canonical_dtype)) + " differs from engine dtype " +
@@ -174,7 +175,7 @@ Status Move(std::span<const CanonicalSpan> spans, const EngineKvView& view, cons
       int32_t tile = 0;
       for (size_t i = 0; i < ni; ++i) {
         const CanonicalSpan& s = spans[i0 + i];
-        const int64_t first_layer = o.layer_begin + l0;
+        const int64_t first_layer = (o.span_layer_begin < 0 ? o.layer_begin : o.span_layer_begin) + l0;
         k::SegItem& it = p->items[i];
         it.data = Advance(s.data, first_layer * layer_elems * s.total_tokens, o.int8_source ? 1 : es);
         it.scales = o.int8_source ? s.scales + first_layer * layer_elems : nullptr;
