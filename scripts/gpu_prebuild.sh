@@ -5,7 +5,7 @@
 # machine (device run: carry ["build-gpubundle"]); scripts/gpu_run.sh uses it when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUILD=${BUILD:-build-gpu}
+BUILD=${BUILD:-build-gpurel}
 BUNDLE=build-gpubundle
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVAGENT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_BUILD_PYTHON=OFF

@@ -44,12 +44,16 @@ else
 fi
 
 : > "$OUT/tests.log"
+summary=""
 for t in cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test; do
-  echo "=== $t" | tee -a "$OUT/tests.log"
-  timeout 240 "$BIN/$t" --gtest_color=no >> "$OUT/tests.log" 2>&1
+  echo "=== $t" >> "$OUT/tests.log"
+  timeout 240 "$BIN/$t" --gtest_color=no > "$OUT/$t.tmp" 2>&1
   rc=$?
-  echo "=== $t rc=$rc" | tee -a "$OUT/tests.log"
-  grep -E "^\[  (FAILED|PASSED) |Failure|error" "$OUT/tests.log" | tail -5
+  cat "$OUT/$t.tmp" >> "$OUT/tests.log"
+  echo "=== $t rc=$rc" >> "$OUT/tests.log"
+  summary+="$t rc=$rc: $(grep -E '^\[  (PASSED|FAILED)  \] [0-9]+ test' "$OUT/$t.tmp" | tr '\n' ' ')"$'\n'
+  summary+="$(grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/$t.tmp" | grep -v ' ms)$' | head -10)"$'\n'
+  rm -f "$OUT/$t.tmp"
   [ $rc -ne 0 ] && status=1
 done
 
@@ -60,8 +64,9 @@ echo "=== cuda_kv_bench rc=$rc" >> "$OUT/bench.log"
 [ $rc -ne 0 ] && status=1
 
 echo
-grep -E "FAILED|PASSED|rc=" "$OUT/tests.log" | grep -v "^\[  FAILED  \] .*ms)$" | tail -20
-echo
-cat "$OUT/bench.log" | tail -25
+echo "---- tests"
+printf '%s' "$summary"
+echo "---- benchmark"
+tail -25 "$OUT/bench.log"
 echo "gpu_run status: $status"
 exit $status

@@ -54,8 +54,8 @@ struct RopeTable {
   double attention_factor = 1.0;
   std::vector<double> inv_freq;
 };
-// InvalidArgument for an odd or too large rotary_dim, theta <= 1, factor < 1 where scaling
-// needs one, or llama3 with high_freq_factor <= low_freq_factor.
+// InvalidArgument for an odd or too large rotary_dim, theta <= 1, a non-positive factor where
+// scaling needs one, or llama3 with high_freq_factor <= low_freq_factor.
 StatusOr<RopeTable> ComputeRopeTable(const RopeSpec& spec, int head_dim);
 
 // The tables of every layer of a model, uploaded to the device once.

@@ -28,8 +28,8 @@ StatusOr<RopeTable> ComputeRopeTable(const RopeSpec& spec, int head_dim) {
                                 std::to_string(head_dim) + "]");
   if (!(spec.theta > 1.0)) return InvalidArgumentError("rope theta must be > 1");
   const bool needs_factor = spec.scaling != RopeScaling::kNone;
-  if (needs_factor && !(spec.factor >= 1.0))
-    return InvalidArgumentError("rope scaling factor must be >= 1, got " + std::to_string(spec.factor));
+  if (needs_factor && !(spec.factor > 0.0 && std::isfinite(spec.factor)))
+    return InvalidArgumentError("rope scaling factor must be positive, got " + std::to_string(spec.factor));
   t.rotary_dim = rd;
   const int n = rd / 2;
   double base = spec.theta;

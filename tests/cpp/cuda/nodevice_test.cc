@@ -107,7 +107,7 @@ TEST(RopeTable, DynamicAndErrors) {
   EXPECT_EQ(ComputeRopeTable(big, 64).status().code(), StatusCode::kInvalidArgument);
   RopeSpec small_factor;
   small_factor.scaling = RopeScaling::kLinear;
-  small_factor.factor = 0.5;
+  small_factor.factor = 0;
   EXPECT_EQ(ComputeRopeTable(small_factor, 64).status().code(), StatusCode::kInvalidArgument);
 }
 
