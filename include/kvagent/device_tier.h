@@ -96,7 +96,8 @@ class DeviceTier {
   DeviceTier& operator=(const DeviceTier&) = delete;
 
   // A new entry of `bytes` (> 0, uninitialised) under `key`, most recently used. Evicts
-  // least-recently-used entries that no handle references. AlreadyExists if `key` is present;
+  // least-recently-used entries that no handle references, one at a time, waiting (with the
+  // tier's lock held) for each victim's eviction copy and recorded uses before reusing its bytes. AlreadyExists if `key` is present;
   // ResourceExhausted if the bytes cannot be had even after evicting every unreferenced entry.
   StatusOr<DeviceHandle> Allocate(const Hash128& key, size_t bytes);
   // The entry under `key`, marked most recently used; NotFound if absent.

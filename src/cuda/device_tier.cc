@@ -200,6 +200,13 @@ struct TierState {
     }
   }
 
+  // Waits for the most recently queued pending free (an eviction just made) and reclaims it.
+  void WaitForLastLocked() {
+    if (pending.empty()) return;
+    for (cudaEvent_t e : pending.back().events) cudaEventSynchronize(e);
+    ReclaimLocked(false);
+  }
+
   bool TryCarveLocked(size_t need, Block* out) {
     for (size_t ai = 0; ai < arenas.size(); ++ai) {
       Arena& a = arenas[ai];
@@ -367,7 +374,11 @@ StatusOr<DeviceHandle> DeviceTier::Allocate(const Hash128& key, size_t bytes) {
       }
       e->events.clear();
       e->released = true;
+      const bool queued = !events.empty();
       s.ReleaseLocked(e->block, std::move(events));
+      // The victim's bytes are reusable once its copy (and recorded uses) finish: wait for that
+      // rather than evicting further entries while the copy is in flight.
+      if (queued) s.WaitForLastLocked();
       graveyard.push_back(std::move(e));
       s.lru.erase(mit->second.lru);
       s.map.erase(mit);
