@@ -171,8 +171,10 @@ __global__ void __launch_bounds__(kThreads, 2) MoveKernel(const __grid_constant_
     for (int i = threadIdx.x; i < nt * half; i += blockDim.x) {
       int tt = i / half, f = i - tt * half;
       int64_t row = it.row_offset + t0 + tt;
-      int64_t pn = p.pos_new ? p.pos_new[row] : p.pos_new_base + row;
-      int64_t po = p.pos_old ? p.pos_old[row] : p.pos_old_base + row;
+      // Only the positions the mode needs are read (the other array may be null or stale).
+      int64_t pn = 0, po = 0;
+      if (p.mode != RotMode::kInverse) pn = p.pos_new ? p.pos_new[row] : p.pos_new_base + row;
+      if (p.mode != RotMode::kApply) po = p.pos_old ? p.pos_old[row] : p.pos_old_base + row;
       int64_t pos = p.mode == RotMode::kApply ? pn : (p.mode == RotMode::kInverse ? -po : pn - po);
       CosSin(pos, inv[f], scale, &cos_s[tt * p.max_half + f], &sin_s[tt * p.max_half + f]);
     }
