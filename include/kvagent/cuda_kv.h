@@ -43,9 +43,13 @@ Status CheckDevice();
 // ---- RoPE frequencies ------------------------------------------------------------------------
 
 // The rotation of one layer, resolved from its RopeSpec for head_dim per Hugging Face's
-// rope_type rules (default, linear, llama3, yarn, dynamic), in double precision.
-// inv_freq has rotary_dim / 2 entries; angle(pos, i) = pos * inv_freq[i] (linear scaling is
-// folded into inv_freq). attention_factor multiplies cos and sin when rotating (yarn; 1
+// rope_type rules (default, linear, llama3, yarn, dynamic), computed in double and rounded to
+// fp32 like HF's inv_freq buffer (the engine rotates queries with those fp32 values).
+// inv_freq has rotary_dim / 2 entries; angle(pos, i) = pos * inv_freq[i] evaluated in double
+// from the integer position (linear scaling is folded into inv_freq). Semantics match the CPU
+// positioner (kvagent/rope.h, branch `rope`): forward a * R(p) x, inverse R(-p) x / a,
+// reposition R(p_to - p_from) x; its ComputeRopeFrequencies (torch's exact fp32 op order) can
+// feed RopeDeviceTable::Create(tables, head_dim) directly. attention_factor multiplies cos and sin when rotating (yarn; 1
 // otherwise) and is applied exactly once: kApply multiplies, kInverse divides, kShift
 // (post-RoPE to post-RoPE) leaves it alone. A disabled spec gives rotary_dim 0.
 struct RopeTable {
@@ -64,6 +68,10 @@ class RopeDeviceTable {
   // Unavailable without a device; InvalidArgument from ComputeRopeTable, or if layers mix
   // rotation styles (one style per model).
   static StatusOr<std::shared_ptr<const RopeDeviceTable>> Create(const ModelSpec& spec);
+  // From per-layer tables computed elsewhere (one per model layer; rotary_dim 0 = no rotation).
+  // InvalidArgument unless every table has rotary_dim / 2 frequencies, an even rotary_dim <=
+  // head_dim, a positive attention factor, and the layers share one style.
+  static StatusOr<std::shared_ptr<const RopeDeviceTable>> Create(std::vector<RopeTable> tables, int head_dim);
   ~RopeDeviceTable();
   RopeDeviceTable(const RopeDeviceTable&) = delete;
   RopeDeviceTable& operator=(const RopeDeviceTable&) = delete;

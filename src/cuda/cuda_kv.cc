@@ -227,12 +227,28 @@ Status CheckDevice() { return Probe().status; }
 StatusOr<std::shared_ptr<const RopeDeviceTable>> RopeDeviceTable::Create(const ModelSpec& spec) {
   if (spec.num_layers <= 0 || spec.head_dim <= 0 || spec.layers.size() != static_cast<size_t>(spec.num_layers))
     return InvalidArgumentError("RopeDeviceTable: model spec needs num_layers layer specs and a head_dim");
-  std::shared_ptr<RopeDeviceTable> t(new RopeDeviceTable());
-  t->head_dim_ = spec.head_dim;
-  t->freq_stride_ = std::max(1, spec.head_dim / 2);
-  bool have_style = false;
+  std::vector<RopeTable> tables;
   for (int l = 0; l < spec.num_layers; ++l) {
     KVAGENT_ASSIGN_OR_RETURN(RopeTable rt, ComputeRopeTable(spec.layers[static_cast<size_t>(l)].rope, spec.head_dim));
+    tables.push_back(std::move(rt));
+  }
+  return Create(std::move(tables), spec.head_dim);
+}
+
+StatusOr<std::shared_ptr<const RopeDeviceTable>> RopeDeviceTable::Create(std::vector<RopeTable> tables,
+                                                                         int head_dim) {
+  if (tables.empty() || head_dim <= 0) return InvalidArgumentError("RopeDeviceTable: no layers or no head_dim");
+  std::shared_ptr<RopeDeviceTable> t(new RopeDeviceTable());
+  t->head_dim_ = head_dim;
+  t->freq_stride_ = std::max(1, head_dim / 2);
+  bool have_style = false;
+  for (size_t l = 0; l < tables.size(); ++l) {
+    const RopeTable& rt = tables[l];
+    const std::string at = " (layer " + std::to_string(l) + ")";
+    if (rt.rotary_dim < 0 || rt.rotary_dim % 2 != 0 || rt.rotary_dim > head_dim ||
+        rt.inv_freq.size() != static_cast<size_t>(rt.rotary_dim / 2))
+      return InvalidArgumentError("RopeDeviceTable: rotary_dim and inv_freq disagree" + at);
+    if (!(rt.attention_factor > 0)) return InvalidArgumentError("RopeDeviceTable: attention factor must be > 0" + at);
     if (rt.rotary_dim > 0) {
       const bool il = rt.style == RopeStyle::kInterleaved;
       if (have_style && il != t->interleaved_)
@@ -240,8 +256,8 @@ StatusOr<std::shared_ptr<const RopeDeviceTable>> RopeDeviceTable::Create(const M
       t->interleaved_ = il;
       have_style = true;
     }
-    t->host_.push_back(std::move(rt));
   }
+  t->host_ = std::move(tables);
   KVAGENT_RETURN_IF_ERROR(CheckDevice());
   const size_t L = t->host_.size();
   std::vector<double> inv(L * static_cast<size_t>(t->freq_stride_), 0.0);

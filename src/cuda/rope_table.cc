@@ -91,6 +91,10 @@ StatusOr<RopeTable> ComputeRopeTable(const RopeSpec& spec, int head_dim) {
       break;
     }
   }
+  // HF keeps inv_freq as an fp32 buffer and engines rotate queries with those values: keys must
+  // use the same frequencies, so the table holds the fp32 values (widened back to double, in
+  // which the angles are then evaluated).
+  for (double& f : t.inv_freq) f = static_cast<double>(static_cast<float>(f));
   return t;
 }
 

@@ -14,6 +14,13 @@ namespace {
 
 constexpr double kPi = 3.14159265358979323846;
 
+// Tables hold HF's fp32 inv_freq values: representable in float and within float rounding of
+// the double-precision formula.
+void ExpectFp32Of(double got, double want, int i) {
+  EXPECT_EQ(got, static_cast<double>(static_cast<float>(got))) << "not an fp32 value at " << i;
+  EXPECT_NEAR(got, want, std::fabs(want) * 1.2e-7) << i;
+}
+
 TEST(RopeTable, DefaultAndLinear) {
   RopeSpec s;
   s.theta = 10000;
@@ -21,7 +28,7 @@ TEST(RopeTable, DefaultAndLinear) {
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   ASSERT_EQ(t->rotary_dim, 80);
   ASSERT_EQ(t->inv_freq.size(), 40u);
-  for (int i = 0; i < 40; ++i) EXPECT_DOUBLE_EQ(t->inv_freq[i], std::pow(10000.0, -2.0 * i / 80));
+  for (int i = 0; i < 40; ++i) ExpectFp32Of(t->inv_freq[i], std::pow(10000.0, -2.0 * i / 80), i);
   EXPECT_EQ(t->attention_factor, 1.0);
   s.scaling = RopeScaling::kLinear;
   s.factor = 4;
@@ -29,7 +36,7 @@ TEST(RopeTable, DefaultAndLinear) {
   auto lin = ComputeRopeTable(s, 80);
   ASSERT_TRUE(lin.ok());
   ASSERT_EQ(lin->inv_freq.size(), 16u);
-  for (int i = 0; i < 16; ++i) EXPECT_DOUBLE_EQ(lin->inv_freq[i], std::pow(10000.0, -2.0 * i / 32) / 4);
+  for (int i = 0; i < 16; ++i) ExpectFp32Of(lin->inv_freq[i], std::pow(10000.0, -2.0 * i / 32) / 4, i);
 }
 
 TEST(RopeTable, Llama3BandsFollowWavelength) {
@@ -47,14 +54,14 @@ TEST(RopeTable, Llama3BandsFollowWavelength) {
     const double base = std::pow(500000.0, -2.0 * i / 128);
     const double wavelen = 2 * kPi / base;
     if (wavelen < 8192.0 / 4) {
-      EXPECT_DOUBLE_EQ(t->inv_freq[i], base) << i;
+      ExpectFp32Of(t->inv_freq[i], base, i);
       ++high;
     } else if (wavelen > 8192.0 / 1) {
-      EXPECT_DOUBLE_EQ(t->inv_freq[i], base / 8) << i;
+      ExpectFp32Of(t->inv_freq[i], base / 8, i);
       ++low;
     } else {
       const double smooth = (8192.0 / wavelen - 1) / (4 - 1);
-      EXPECT_NEAR(t->inv_freq[i], (1 - smooth) * base / 8 + smooth * base, 1e-15) << i;
+      ExpectFp32Of(t->inv_freq[i], (1 - smooth) * base / 8 + smooth * base, i);
       EXPECT_LT(t->inv_freq[i], base);
       EXPECT_GT(t->inv_freq[i], base / 8);
       ++mid;
@@ -76,7 +83,7 @@ TEST(RopeTable, YarnRampAndAttentionFactor) {
   EXPECT_NEAR(t->attention_factor, 0.1 * std::log(4.0) + 1.0, 1e-15);
   // Highest frequencies extrapolate (unchanged), lowest interpolate (divided by factor).
   EXPECT_DOUBLE_EQ(t->inv_freq[0], 1.0);
-  EXPECT_NEAR(t->inv_freq[31], std::pow(10000.0, -62.0 / 64) / 4, 1e-18);
+  ExpectFp32Of(t->inv_freq[31], std::pow(10000.0, -62.0 / 64) / 4, 31);
   for (int i = 1; i < 32; ++i) EXPECT_LE(t->inv_freq[i], t->inv_freq[i - 1]);
   s.attention_factor = 1.25;
   EXPECT_EQ(ComputeRopeTable(s, 64)->attention_factor, 1.25);
@@ -90,11 +97,11 @@ TEST(RopeTable, DynamicAndErrors) {
   s.dynamic_max_position = 0;  // not beyond the original length: default frequencies
   auto d0 = ComputeRopeTable(s, 64);
   ASSERT_TRUE(d0.ok());
-  EXPECT_DOUBLE_EQ(d0->inv_freq[5], std::pow(10000.0, -10.0 / 64));
+  ExpectFp32Of(d0->inv_freq[5], std::pow(10000.0, -10.0 / 64), 5);
   s.dynamic_max_position = 8192;
   auto d1 = ComputeRopeTable(s, 64);
   const double base = 10000.0 * std::pow(2.0 * 8192 / 2048 - 1, 64.0 / 62);
-  EXPECT_NEAR(d1->inv_freq[5], std::pow(base, -10.0 / 64), 1e-15);
+  ExpectFp32Of(d1->inv_freq[5], std::pow(base, -10.0 / 64), 5);
 
   RopeSpec off;
   off.enabled = false;
@@ -200,6 +207,25 @@ TEST(CudaKv, WithoutDeviceEverythingIsUnavailable) {
   auto b = Buffer::Allocate(1000);
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(b.value()->size(), 1000u);
+}
+
+TEST(RopeDeviceTable, TableErrorsBeforeDeviceUse) {
+  RopeTable ok;
+  ok.rotary_dim = 8;
+  ok.inv_freq = {1, 0.5, 0.25, 0.125};
+  RopeTable short_freq = ok;
+  short_freq.inv_freq.pop_back();
+  EXPECT_EQ(RopeDeviceTable::Create({ok, short_freq}, 64).status().code(), StatusCode::kInvalidArgument);
+  RopeTable interleaved = ok;
+  interleaved.style = RopeStyle::kInterleaved;
+  EXPECT_EQ(RopeDeviceTable::Create({ok, interleaved}, 64).status().code(), StatusCode::kInvalidArgument);
+  RopeTable zero_factor = ok;
+  zero_factor.attention_factor = 0;
+  EXPECT_EQ(RopeDeviceTable::Create({zero_factor}, 64).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(RopeDeviceTable::Create({ok}, 4).status().code(), StatusCode::kInvalidArgument);  // rd > head_dim
+  EXPECT_EQ(RopeDeviceTable::Create(std::vector<RopeTable>{}, 64).status().code(), StatusCode::kInvalidArgument);
+  auto good = RopeDeviceTable::Create({ok, RopeTable{}}, 64);  // a NoPE layer is fine
+  EXPECT_EQ(good.ok(), DeviceAvailable()) << good.status().ToString();
 }
 
 TEST(DeviceTier, OptionErrors) {
