@@ -38,13 +38,13 @@ namespace kc = kvagent::cuda;
       std::exit(2);                                                                              \
     }                                                                                            \
   } while (0)
-#define SK(expr)                                                                              \
-  do {                                                                                        \
-    kvagent::Status s_ = (expr);                                                              \
-    if (!s_.ok()) {                                                                           \
+#define SK(expr)                                                                                \
+  do {                                                                                          \
+    kvagent::Status s_ = (expr);                                                                \
+    if (!s_.ok()) {                                                                             \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, s_.ToString().c_str()); \
-      std::exit(2);                                                                           \
-    }                                                                                         \
+      std::exit(2);                                                                             \
+    }                                                                                           \
   } while (0)
 
 constexpr int kL = 32, kH = 8, kD = 128, kBlock = 16;
@@ -119,8 +119,10 @@ int main(int argc, char** argv) {
   int reps = 7;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--csv" && i + 1 < argc) csv_path = argv[++i];
-    else if (a == "--reps" && i + 1 < argc) reps = std::max(3, std::atoi(argv[++i]));
+    if (a == "--csv" && i + 1 < argc)
+      csv_path = argv[++i];
+    else if (a == "--reps" && i + 1 < argc)
+      reps = std::max(3, std::atoi(argv[++i]));
     else if (a == "--tokens" && i + 1 < argc) {
       token_counts.clear();
       std::string list = argv[++i];
@@ -154,8 +156,8 @@ int main(int argc, char** argv) {
   rope.low_freq_factor = 1;
   rope.high_freq_factor = 4;
   rope.original_max_position = 8192;
-  kvagent::ModelSpec spec = kvagent::UniformModelSpec("llama-3.1-8b-shape", kL, 32, kH, kD, DType::kBF16, rope,
-                                                      kvagent::HashString("bench"));
+  kvagent::ModelSpec spec =
+      kvagent::UniformModelSpec("llama-3.1-8b-shape", kL, 32, kH, kD, DType::kBF16, rope, kvagent::HashString("bench"));
   auto table = kc::RopeDeviceTable::Create(spec);
   SK(table.status());
 
@@ -225,9 +227,8 @@ int main(int argc, char** argv) {
     };
 
     // 1. Limits: pinned H2D memcpy, device-to-device memcpy.
-    const double h2d_ms = MedianMs(compute, warm, reps, [&] {
-      CK(cudaMemcpyAsync(dev_canon, host, bytes, cudaMemcpyHostToDevice, compute));
-    });
+    const double h2d_ms = MedianMs(
+        compute, warm, reps, [&] { CK(cudaMemcpyAsync(dev_canon, host, bytes, cudaMemcpyHostToDevice, compute)); });
     const double h2d_gbps = bytes / h2d_ms / 1e6;
     const double d2d_ms = MedianMs(compute, warm, reps, [&] {
       CK(cudaMemcpyAsync(dev_cache, dev_canon, bytes, cudaMemcpyDeviceToDevice, compute));
@@ -241,12 +242,15 @@ int main(int argc, char** argv) {
     poison();
     SK(kc::LoadToEngine({&dev_span, 1}, view, o, compute));
     const unsigned long long ref_sum = checksum();
-    const double dev_ms = MedianMs(compute, warm, reps, [&] { SK(kc::LoadToEngine({&dev_span, 1}, view, o, compute)); });
+    const double dev_ms = MedianMs(compute, warm, reps, [&] {
+      SK(kc::LoadToEngine({&dev_span, 1}, view, o, compute));
+    });
     rows.push_back({T, "device re-position -> paged (r+w)", 2.0 * bytes, dev_ms, d2d_gbps, "D2D memcpy"});
     kc::MoveOptions plain = o;
     plain.rotation = kc::Rotation::kNone;
-    const double copy_ms =
-        MedianMs(compute, warm, reps, [&] { SK(kc::LoadToEngine({&dev_span, 1}, view, plain, compute)); });
+    const double copy_ms = MedianMs(compute, warm, reps, [&] {
+      SK(kc::LoadToEngine({&dev_span, 1}, view, plain, compute));
+    });
     rows.push_back({T, "device copy -> paged, no rotation (r+w)", 2.0 * bytes, copy_ms, d2d_gbps, "D2D memcpy"});
 
     // CPU spot check of the device-resident result: sampled tokens, all layers and heads.
@@ -289,8 +293,9 @@ int main(int argc, char** argv) {
     poison();
     SK(kc::LoadToEngine({&host_span, 1}, view, o, compute));
     const bool zc_ok = checksum() == ref_sum;
-    const double zc_ms =
-        MedianMs(compute, warm, reps, [&] { SK(kc::LoadToEngine({&host_span, 1}, view, o, compute)); });
+    const double zc_ms = MedianMs(compute, warm, reps, [&] {
+      SK(kc::LoadToEngine({&host_span, 1}, view, o, compute));
+    });
     rows.push_back({T, "H2D fused load, zero-copy", double(bytes), zc_ms, h2d_gbps, "pinned H2D memcpy"});
 
     // 4. Staged fused load: copy stream fills a device double buffer by layer chunks, the
@@ -310,7 +315,8 @@ int main(int argc, char** argv) {
         const int b = c % 2;
         if (c >= 2) CK(cudaStreamWaitEvent(copy, consumed[b], 0));
         CK(cudaMemcpyAsync(reinterpret_cast<char*>(dev_stage) + b * chunk_bytes,
-                           static_cast<const char*>(host) + c * chunk_bytes, chunk_bytes, cudaMemcpyHostToDevice, copy));
+                           static_cast<const char*>(host) + c * chunk_bytes, chunk_bytes, cudaMemcpyHostToDevice,
+                           copy));
         CK(cudaEventRecord(landed[b], copy));
         CK(cudaStreamWaitEvent(compute, landed[b], 0));
         kc::MoveOptions oc = o;
@@ -347,8 +353,7 @@ int main(int argc, char** argv) {
     CK(cudaFree(dev_canon));
   }
 
-  std::printf("\n%-8s %-42s %10s %10s %10s %7s  %s\n", "tokens", "operation", "MiB", "ms", "GB/s", "%limit",
-              "limit");
+  std::printf("\n%-8s %-42s %10s %10s %10s %7s  %s\n", "tokens", "operation", "MiB", "ms", "GB/s", "%limit", "limit");
   FILE* csv = std::fopen(csv_path.c_str(), "w");
   if (csv)
     std::fprintf(csv, "gpu,driver,runtime,tokens,operation,bytes,median_ms,gbps,limit_gbps,pct_of_limit,limit\n");

@@ -49,9 +49,10 @@ Status CheckDevice();
 // from the integer position (linear scaling is folded into inv_freq). Semantics match the CPU
 // positioner (kvagent/rope.h, branch `rope`): forward a * R(p) x, inverse R(-p) x / a,
 // reposition R(p_to - p_from) x; its ComputeRopeFrequencies (torch's exact fp32 op order) can
-// feed RopeDeviceTable::Create(tables, head_dim) directly. attention_factor multiplies cos and sin when rotating (yarn; 1
-// otherwise) and is applied exactly once: kApply multiplies, kInverse divides, kShift
-// (post-RoPE to post-RoPE) leaves it alone. A disabled spec gives rotary_dim 0.
+// feed RopeDeviceTable::Create(tables, head_dim) directly.
+// attention_factor multiplies cos and sin when rotating (yarn; 1 otherwise) and is applied
+// exactly once: kApply multiplies, kInverse divides, kShift (post-RoPE to post-RoPE) leaves it
+// alone. A disabled spec gives rotary_dim 0.
 struct RopeTable {
   int rotary_dim = 0;
   RopeStyle style = RopeStyle::kHalfSplit;
@@ -111,7 +112,7 @@ struct EngineKvView {
   std::vector<void*> k_layers;  // device pointers, one per layer
   std::vector<void*> v_layers;
   int block_size = 1;
-  int64_t num_slots = 0;        // addressable slots per layer (blocks * block_size, or tokens)
+  int64_t num_slots = 0;  // addressable slots per layer (blocks * block_size, or tokens)
   int64_t stride_block = 0;
   int64_t stride_slot = 0;
   int64_t stride_head = 0;
@@ -138,11 +139,11 @@ struct EngineKvView {
 // or (int8) `data` holds int8 values in canonical order and `scales` the f32 scales
 // [layer][k|v][kv_head][dim] (kvagent/codec.h's int8 codec, its two parts as two pointers).
 struct CanonicalSpan {
-  const void* data = nullptr;   // at layer 0 of the segment (not of layer_begin)
+  const void* data = nullptr;     // at layer 0 of the segment (not of layer_begin)
   const float* scales = nullptr;  // int8 only
-  int total_tokens = 0;         // tokens per [token][dim] plane of the payload
-  int token_begin = 0;          // first token moved
-  int num_tokens = 0;           // tokens moved, >= 1
+  int total_tokens = 0;           // tokens per [token][dim] plane of the payload
+  int token_begin = 0;            // first token moved
+  int num_tokens = 0;             // tokens moved, >= 1
 };
 
 enum class Rotation {
@@ -157,13 +158,13 @@ enum class Rotation {
 // Per-row arrays are device int64 arrays with one entry per row; a null array means the
 // contiguous default base + r.
 struct MoveOptions {
-  int layer_begin = 0;           // model layer of the first layer moved: view.k_layers[i] is model
-                                 // layer layer_begin + i; spans are read/written from that layer
-  int num_layers = -1;           // layers moved; -1 = all of the view's layers
-  int span_layer_begin = -1;     // layer of the spans' data paired with layer_begin; -1: same as
-                                 // layer_begin (spans hold every layer). E.g. 0 for a staging
-                                 // buffer that holds only the moved layers.
-  bool int8_source = false;      // spans hold int8 + scales (LoadToEngine only)
+  int layer_begin = 0;                   // model layer of the first layer moved: view.k_layers[i] is model
+                                         // layer layer_begin + i; spans are read/written from that layer
+  int num_layers = -1;                   // layers moved; -1 = all of the view's layers
+  int span_layer_begin = -1;             // layer of the spans' data paired with layer_begin; -1: same as
+                                         // layer_begin (spans hold every layer). E.g. 0 for a staging
+                                         // buffer that holds only the moved layers.
+  bool int8_source = false;              // spans hold int8 + scales (LoadToEngine only)
   DType canonical_dtype = DType::kBF16;  // element type of non-int8 spans; must equal view dtype
   Rotation rotation = Rotation::kNone;
   const RopeDeviceTable* rope = nullptr;  // required unless rotation is kNone
@@ -192,7 +193,6 @@ Status SaveFromEngine(std::span<const CanonicalSpan> spans, const EngineKvView& 
 
 // A canonical layout viewed as an "engine" view (slot = token index), e.g. to re-position a
 // device-resident segment into another canonical buffer, or in place (same pointers).
-EngineKvView CanonicalAsView(DType dtype, int num_layers, int num_kv_heads, int head_dim, int num_tokens,
-                             void* data);
+EngineKvView CanonicalAsView(DType dtype, int num_layers, int num_kv_heads, int head_dim, int num_tokens, void* data);
 
 }  // namespace kvagent::cuda

@@ -68,7 +68,7 @@ class DeviceHandle {
 
 struct DeviceTierOptions {
   int device = 0;
-  size_t capacity_bytes = 0;          // bound on cudaMalloc'd bytes; > 0
+  size_t capacity_bytes = 0;               // bound on cudaMalloc'd bytes; > 0
   size_t arena_bytes = size_t{256} << 20;  // arena granularity; a larger request gets its own arena
   // Eviction to host: enqueue a copy of `bytes` at `device_ptr` on `stream` (which already waits
   // for the entry's recorded uses); the memory is reused only after `stream` passes that point.
@@ -85,7 +85,7 @@ class DeviceTier {
     size_t reserved_bytes = 0;   // cudaMalloc'd arenas
     size_t allocated_bytes = 0;  // blocks of live entries and of frees waiting for events
     size_t entries = 0;
-    size_t pinned_entries = 0;   // entries referenced by a handle outside the tier
+    size_t pinned_entries = 0;  // entries referenced by a handle outside the tier
     uint64_t evictions = 0;
   };
 
@@ -97,8 +97,8 @@ class DeviceTier {
 
   // A new entry of `bytes` (> 0, uninitialised) under `key`, most recently used. Evicts
   // least-recently-used entries that no handle references, one at a time, waiting (with the
-  // tier's lock held) for each victim's eviction copy and recorded uses before reusing its bytes. AlreadyExists if `key` is present;
-  // ResourceExhausted if the bytes cannot be had even after evicting every unreferenced entry.
+  // tier's lock held) for each victim's eviction copy and recorded uses before reusing its bytes. AlreadyExists if
+  // `key` is present; ResourceExhausted if the bytes cannot be had even after evicting every unreferenced entry.
   StatusOr<DeviceHandle> Allocate(const Hash128& key, size_t bytes);
   // The entry under `key`, marked most recently used; NotFound if absent.
   StatusOr<DeviceHandle> Lookup(const Hash128& key);

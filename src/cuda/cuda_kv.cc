@@ -41,9 +41,12 @@ bool IsKvDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DT
 
 k::Elem ToElem(DType t) {
   switch (t) {
-    case DType::kF16: return k::Elem::kF16;
-    case DType::kBF16: return k::Elem::kBF16;
-    default: return k::Elem::kF32;
+    case DType::kF16:
+      return k::Elem::kF16;
+    case DType::kBF16:
+      return k::Elem::kBF16;
+    default:
+      return k::Elem::kF32;
   }
 }
 
@@ -235,8 +238,7 @@ StatusOr<std::shared_ptr<const RopeDeviceTable>> RopeDeviceTable::Create(const M
   return Create(std::move(tables), spec.head_dim);
 }
 
-StatusOr<std::shared_ptr<const RopeDeviceTable>> RopeDeviceTable::Create(std::vector<RopeTable> tables,
-                                                                         int head_dim) {
+StatusOr<std::shared_ptr<const RopeDeviceTable>> RopeDeviceTable::Create(std::vector<RopeTable> tables, int head_dim) {
   if (tables.empty() || head_dim <= 0) return InvalidArgumentError("RopeDeviceTable: no layers or no head_dim");
   std::shared_ptr<RopeDeviceTable> t(new RopeDeviceTable());
   t->head_dim_ = head_dim;
@@ -306,8 +308,8 @@ EngineKvView EngineKvView::Paged(DType dtype, int num_kv_heads, int head_dim, in
   return v;
 }
 
-EngineKvView EngineKvView::PagedFused(DType dtype, int num_kv_heads, int head_dim, int block_size,
-                                      int64_t num_blocks, const std::vector<void*>& kv_layers) {
+EngineKvView EngineKvView::PagedFused(DType dtype, int num_kv_heads, int head_dim, int block_size, int64_t num_blocks,
+                                      const std::vector<void*>& kv_layers) {
   const int64_t half = num_blocks * block_size * num_kv_heads * head_dim;
   std::vector<void*> ks, vs;
   for (void* p : kv_layers) {
@@ -341,8 +343,7 @@ EngineKvView EngineKvView::HeadMajor(DType dtype, int num_kv_heads, int head_dim
   return v;
 }
 
-EngineKvView CanonicalAsView(DType dtype, int num_layers, int num_kv_heads, int head_dim, int num_tokens,
-                             void* data) {
+EngineKvView CanonicalAsView(DType dtype, int num_layers, int num_kv_heads, int head_dim, int num_tokens, void* data) {
   const int64_t plane = static_cast<int64_t>(num_tokens) * head_dim;
   const int64_t es = static_cast<int64_t>(DTypeSize(dtype));
   std::vector<void*> ks, vs;

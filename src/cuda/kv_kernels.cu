@@ -1,7 +1,7 @@
-#include "cuda/kv_kernels.cuh"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "cuda/kv_kernels.cuh"
 
 namespace kvagent::cuda::kernels {
 namespace {
@@ -82,8 +82,8 @@ __device__ __forceinline__ void StoreVec(T* p, const Vec<T, kVec>& v) {
 // Angle reduction in double: positions up to 2^40 and any inv_freq <= 1 keep the reduced
 // angle within a few ulp of fp32; the fp32 sincosf then runs on [-pi, pi].
 __device__ __forceinline__ void CosSin(int64_t pos, double inv_freq, float scale, float* c, float* s) {
-  constexpr double kTwoPiHi = 6.283185307179586232;     // 2*pi rounded to double
-  constexpr double kTwoPiLo = 2.449293598294706e-16;    // 2*pi - kTwoPiHi
+  constexpr double kTwoPiHi = 6.283185307179586232;   // 2*pi rounded to double
+  constexpr double kTwoPiLo = 2.449293598294706e-16;  // 2*pi - kTwoPiHi
   constexpr double kInvTwoPi = 0.15915494309189535;
   double a = static_cast<double>(pos) * inv_freq;
   double k = rint(a * kInvTwoPi);
@@ -111,7 +111,7 @@ __device__ __forceinline__ void LoadI8(const int8_t* p, int8_t (&q)[kVec]) {
 // rotation) — loaded first for all unrolled items, then converted and stored.
 template <typename T, int kVec>
 struct Item {
-  Vec<T, kVec> a, b;         // a: the vector at d; b: its half-split partner
+  Vec<T, kVec> a, b;          // a: the vector at d; b: its half-split partner
   int8_t qa[kVec], qb[kVec];  // int8 source
   int64_t src_off, dst_off;   // element offsets of `a` (partner at + half)
   int d;                      // first dim of `a`
@@ -131,7 +131,10 @@ __global__ void __launch_bounds__(kThreads, 2) MoveKernel(const __grid_constant_
   int lo = 0, hi = p.num_items - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) >> 1;
-    if (p.items[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
+    if (p.items[mid].tile_begin <= tile)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const SegItem& it = p.items[lo];
   const int t0 = (tile - it.tile_begin) * kTileTokens;
@@ -327,9 +330,15 @@ cudaError_t LaunchTyped(const MoveParams& p, int vec, cudaStream_t stream) {
   size_t smem = MoveSharedBytes(p.max_half);
   constexpr int kMaxVec = 16 / sizeof(T);
   switch (vec) {
-    case 1: MoveKernel<T, 1, kInt8><<<grid, kThreads, smem, stream>>>(p); break;
-    case 2: MoveKernel<T, 2, kInt8><<<grid, kThreads, smem, stream>>>(p); break;
-    case 4: MoveKernel<T, 4, kInt8><<<grid, kThreads, smem, stream>>>(p); break;
+    case 1:
+      MoveKernel<T, 1, kInt8><<<grid, kThreads, smem, stream>>>(p);
+      break;
+    case 2:
+      MoveKernel<T, 2, kInt8><<<grid, kThreads, smem, stream>>>(p);
+      break;
+    case 4:
+      MoveKernel<T, 4, kInt8><<<grid, kThreads, smem, stream>>>(p);
+      break;
     case 8:
       if constexpr (kMaxVec >= 8) {
         MoveKernel<T, (kMaxVec >= 8 ? 8 : 1), kInt8><<<grid, kThreads, smem, stream>>>(p);
@@ -337,7 +346,8 @@ cudaError_t LaunchTyped(const MoveParams& p, int vec, cudaStream_t stream) {
       } else {
         return cudaErrorInvalidValue;
       }
-    default: return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

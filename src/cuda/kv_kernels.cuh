@@ -27,13 +27,13 @@ enum class RotMode : int32_t {
 // first layer of this launch. Rows of the span are global rows row_offset + t (slot and
 // position arrays are indexed by global row).
 struct SegItem {
-  const void* data;      // elements of the canonical dtype, or int8 when MoveParams::src_int8
-  const float* scales;   // int8 only: [layer][k|v][head][dim], first layer of this launch
+  const void* data;     // elements of the canonical dtype, or int8 when MoveParams::src_int8
+  const float* scales;  // int8 only: [layer][k|v][head][dim], first layer of this launch
   int64_t row_offset;
   int32_t total_tokens;
   int32_t token_begin;
   int32_t num_tokens;
-  int32_t tile_begin;    // prefix sum of ceil(num_tokens / kTileTokens) over earlier items
+  int32_t tile_begin;  // prefix sum of ceil(num_tokens / kTileTokens) over earlier items
 };
 
 // Engine side: element (layer, k|v, slot, head, d) lives at
@@ -52,11 +52,11 @@ struct EngineSide {
 
 // Rotary tables for all model layers, device memory.
 struct RopeDev {
-  const double* inv_freq;      // [model layer][freq_stride]
-  const int32_t* rotary_dim;   // [model layer]; 0 = no rotation on that layer
-  const float* attn_factor;    // [model layer]
+  const double* inv_freq;     // [model layer][freq_stride]
+  const int32_t* rotary_dim;  // [model layer]; 0 = no rotation on that layer
+  const float* attn_factor;   // [model layer]
   int32_t freq_stride;
-  int32_t interleaved;         // 0: pairs (i, i + rd/2); 1: pairs (2i, 2i + 1)
+  int32_t interleaved;  // 0: pairs (i, i + rd/2); 1: pairs (2i, 2i + 1)
 };
 
 struct MoveParams {
@@ -64,15 +64,15 @@ struct MoveParams {
   SegItem items[kMaxItems];
   int32_t num_items;
   int32_t num_tiles;
-  int32_t num_layers;    // layers in this launch (gridDim.y)
-  int32_t layer_begin;   // model layer of launch layer 0 (rope tables only)
+  int32_t num_layers;   // layers in this launch (gridDim.y)
+  int32_t layer_begin;  // model layer of launch layer 0 (rope tables only)
   int32_t num_heads;
   int32_t head_dim;
-  int32_t to_engine;     // 1: canonical -> engine; 0: engine -> canonical
-  int32_t src_int8;      // canonical source is int8 + scales (to_engine only)
-  Elem elem;             // dtype of the engine side and of a non-int8 canonical side
+  int32_t to_engine;  // 1: canonical -> engine; 0: engine -> canonical
+  int32_t src_int8;   // canonical source is int8 + scales (to_engine only)
+  Elem elem;          // dtype of the engine side and of a non-int8 canonical side
   RotMode mode;
-  int32_t max_half;      // max over launch layers of rotary_dim / 2 (shared-memory size)
+  int32_t max_half;  // max over launch layers of rotary_dim / 2 (shared-memory size)
   RopeDev rope;
   const int64_t* slots;  // per global row; null: slot = slot_base + row. Negative: row skipped
   int64_t slot_base;

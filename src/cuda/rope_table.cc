@@ -24,8 +24,8 @@ StatusOr<RopeTable> ComputeRopeTable(const RopeSpec& spec, int head_dim) {
   if (head_dim <= 0) return InvalidArgumentError("head_dim must be positive");
   const int rd = spec.rotary_dim == 0 ? head_dim : spec.rotary_dim;
   if (rd <= 0 || rd % 2 != 0 || rd > head_dim)
-    return InvalidArgumentError("rotary_dim " + std::to_string(rd) + " must be even and in [2, head_dim=" +
-                                std::to_string(head_dim) + "]");
+    return InvalidArgumentError("rotary_dim " + std::to_string(rd) +
+                                " must be even and in [2, head_dim=" + std::to_string(head_dim) + "]");
   if (!(spec.theta > 1.0)) return InvalidArgumentError("rope theta must be > 1");
   const bool needs_factor = spec.scaling != RopeScaling::kNone;
   if (needs_factor && !(spec.factor > 0.0 && std::isfinite(spec.factor)))
@@ -85,9 +85,8 @@ StatusOr<RopeTable> ComputeRopeTable(const RopeSpec& spec, int head_dim) {
         t.inv_freq[static_cast<size_t>(i)] =
             interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor;
       }
-      t.attention_factor = spec.attention_factor > 0
-                               ? spec.attention_factor
-                               : (spec.factor <= 1.0 ? 1.0 : 0.1 * std::log(spec.factor) + 1.0);
+      t.attention_factor = spec.attention_factor > 0 ? spec.attention_factor
+                                                     : (spec.factor <= 1.0 ? 1.0 : 0.1 * std::log(spec.factor) + 1.0);
       break;
     }
   }

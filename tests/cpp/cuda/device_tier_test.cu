@@ -125,7 +125,7 @@ TEST_F(DeviceTierTest, EvictsLeastRecentlyUsedToHostAndSkipsEntriesInUse) {
     ASSERT_TRUE(h.ok()) << i << ": " << h.status().ToString();
     FillKernel<<<64, 256>>>(static_cast<uint32_t*>(h->data()), kBytes / 4, static_cast<uint32_t>(i));
     CUDA_OK(cudaGetLastError());
-    CUDA_OK(cudaDeviceSynchronize());  // the fill is not recorded as a use: finish it first
+    CUDA_OK(cudaDeviceSynchronize());                // the fill is not recorded as a use: finish it first
     if (i == 5) ASSERT_TRUE(t.Lookup(Key(1)).ok());  // touch: key 1 becomes most recent
   }
   {
@@ -183,7 +183,7 @@ TEST_F(DeviceTierTest, ErasedMemoryIsNotReusedBeforeRecordedWorkCompletes) {
     CUDA_OK(cudaGetLastError());
     ASSERT_TRUE(a->RecordUse(s1).ok());
     ASSERT_TRUE(t.Erase(Key(1)).ok());
-  }  // last handle dropped while s1 still uses the memory
+  }                                    // last handle dropped while s1 still uses the memory
   auto b = t.Allocate(Key(2), n * 4);  // must wait for s1's event before reusing the block
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   CUDA_OK(cudaMemsetAsync(b->data(), 0x5A, n * 4, s2));
@@ -225,7 +225,10 @@ TEST_F(DeviceTierTest, ConcurrentThreadsAndStreams) {
         const size_t bytes = (1 + rng() % 64) * 4096;
         auto h = t.Allocate(Key(id), bytes);
         if (!h.ok()) {
-          if (h.status().code() == StatusCode::kResourceExhausted) exhausted++; else errors++;
+          if (h.status().code() == StatusCode::kResourceExhausted)
+            exhausted++;
+          else
+            errors++;
           continue;
         }
         FillKernel<<<32, 256, 0, s>>>(static_cast<uint32_t*>(h->data()), bytes / 4, static_cast<uint32_t>(id));

@@ -24,21 +24,26 @@
 namespace kvagent::cuda {
 namespace {
 
-#define CUDA_OK(expr)                                                              \
-  do {                                                                             \
-    cudaError_t e_ = (expr);                                                       \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_);         \
+#define CUDA_OK(expr)                                                      \
+  do {                                                                     \
+    cudaError_t e_ = (expr);                                               \
+    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_); \
   } while (0)
 
 enum class Layout { kPaged, kPagedFused, kTokenMajor, kHeadMajor, kPaddedPaged };
 
 const char* LayoutName(Layout l) {
   switch (l) {
-    case Layout::kPaged: return "paged";
-    case Layout::kPagedFused: return "paged_fused";
-    case Layout::kTokenMajor: return "token_major";
-    case Layout::kHeadMajor: return "head_major";
-    case Layout::kPaddedPaged: return "padded_paged";
+    case Layout::kPaged:
+      return "paged";
+    case Layout::kPagedFused:
+      return "paged_fused";
+    case Layout::kTokenMajor:
+      return "token_major";
+    case Layout::kHeadMajor:
+      return "head_major";
+    case Layout::kPaddedPaged:
+      return "padded_paged";
   }
   return "?";
 }
@@ -47,17 +52,17 @@ struct Case {
   DType dtype = DType::kBF16;
   int head_dim = 128;
   int heads = 3;
-  int layers = 4;        // model layers: 0 default, 1 llama3, 2 yarn, 3 NoPE
+  int layers = 4;  // model layers: 0 default, 1 llama3, 2 yarn, 3 NoPE
   int layer_begin = 0;
-  int num_layers = -1;   // -1: layers - layer_begin
+  int num_layers = -1;  // -1: layers - layer_begin
   Layout layout = Layout::kPaged;
   int block_size = 16;
-  int pad = 0;           // extra elements per head row (kPaddedPaged)
+  int pad = 0;  // extra elements per head row (kPaddedPaged)
   Rotation rotation = Rotation::kNone;
-  bool save = false;     // SaveFromEngine instead of LoadToEngine
+  bool save = false;  // SaveFromEngine instead of LoadToEngine
   bool int8 = false;
   bool interleaved = false;
-  int rotary_dim = 0;    // 0: head_dim
+  int rotary_dim = 0;  // 0: head_dim
   std::vector<int> span_tokens = {17, 1, 33};
   bool misalign = false;  // canonical data one element past an aligned address
   bool null_slots = false;
@@ -91,7 +96,9 @@ ModelSpec SpecFor(const Case& c) {
     r.rotary_dim = c.rotary_dim;
     r.style = c.interleaved ? RopeStyle::kInterleaved : RopeStyle::kHalfSplit;
     switch (l % 4) {
-      case 0: r.theta = 10000; break;
+      case 0:
+        r.theta = 10000;
+        break;
       case 1:
         r.theta = 500000;
         r.scaling = RopeScaling::kLlama3;
@@ -104,7 +111,9 @@ ModelSpec SpecFor(const Case& c) {
         r.factor = 4;
         r.original_max_position = 32768;
         break;
-      case 3: r.enabled = false; break;
+      case 3:
+        r.enabled = false;
+        break;
     }
     m.layers.push_back(ls);
   }
@@ -141,9 +150,12 @@ struct Expect {
 
 double RelUlp(DType t) {
   switch (t) {
-    case DType::kBF16: return std::ldexp(1.0, -8);
-    case DType::kF16: return std::ldexp(1.0, -11);
-    default: return std::ldexp(1.0, -24);
+    case DType::kBF16:
+      return std::ldexp(1.0, -8);
+    case DType::kF16:
+      return std::ldexp(1.0, -11);
+    default:
+      return std::ldexp(1.0, -24);
   }
 }
 
@@ -191,7 +203,7 @@ void RunCase(const Case& c, uint32_t seed) {
   // ---- spans: each its own canonical segment with spare tokens around the moved range ----
   struct SpanHost {
     int total, begin, count;
-    HostTensor data;     // dtype, or unused for int8
+    HostTensor data;  // dtype, or unused for int8
     std::vector<int8_t> q;
     std::vector<float> scales;
   };
@@ -287,7 +299,7 @@ void RunCase(const Case& c, uint32_t seed) {
     std::shuffle(perm.begin(), perm.end(), rng);
     for (int r = 0; r < rows; ++r) slots[r] = perm[r];
     if (rows > 4) {
-      slots[1] = -1;             // skipped rows
+      slots[1] = -1;                // skipped rows
       slots[rows - 2] = num_slots;  // out of range: skipped too
     }
   }
@@ -376,7 +388,9 @@ void RunCase(const Case& c, uint32_t seed) {
   for (int l = 0; l < L; ++l) tables.push_back(ComputeRopeTable(spec.layers[l].rope, D).value());
   auto src_value = [&](const SpanHost& s, int l, int kv, int h, int tok, int d) -> double {
     const size_t idx = ((static_cast<size_t>(l) * 2 + kv) * H + h) * s.total * D + static_cast<size_t>(tok) * D + d;
-    if (c.int8) return static_cast<double>(static_cast<float>(s.q[idx]) * s.scales[(static_cast<size_t>(l) * 2 + kv) * H * D + h * D + d]);
+    if (c.int8)
+      return static_cast<double>(static_cast<float>(s.q[idx]) *
+                                 s.scales[(static_cast<size_t>(l) * 2 + kv) * H * D + h * D + d]);
     return s.data.Get(idx);
   };
   auto src_bits = [&](const SpanHost& s, int l, int kv, int h, int tok, int d) -> uint32_t {
@@ -405,9 +419,18 @@ void RunCase(const Case& c, uint32_t seed) {
     int64_t p;
     double scale;
     switch (c.rotation) {
-      case Rotation::kApply: p = pn; scale = tb.attention_factor; break;
-      case Rotation::kInverse: p = -po; scale = 1.0 / static_cast<double>(static_cast<float>(tb.attention_factor)); break;
-      default: p = pn - po; scale = 1.0; break;
+      case Rotation::kApply:
+        p = pn;
+        scale = tb.attention_factor;
+        break;
+      case Rotation::kInverse:
+        p = -po;
+        scale = 1.0 / static_cast<double>(static_cast<float>(tb.attention_factor));
+        break;
+      default:
+        p = pn - po;
+        scale = 1.0;
+        break;
     }
     if (c.rotation == Rotation::kApply) scale = static_cast<float>(tb.attention_factor);
     for (int i = 0; i < rd / 2; ++i) {
@@ -438,9 +461,9 @@ void RunCase(const Case& c, uint32_t seed) {
       ref2 += e.value * e.value;
     }
     if (!ok && ++failures <= 5)
-      ADD_FAILURE() << where << " element " << idx << ": got bits " << std::hex << got.Bits(idx) << std::dec
-                    << " (" << got.Get(idx) << "), want kind " << int(e.kind) << " bits " << std::hex << e.bits
-                    << std::dec << " value " << e.value << " tol " << e.tol;
+      ADD_FAILURE() << where << " element " << idx << ": got bits " << std::hex << got.Bits(idx) << std::dec << " ("
+                    << got.Get(idx) << "), want kind " << int(e.kind) << " bits " << std::hex << e.bits << std::dec
+                    << " value " << e.value << " tol " << e.tol;
   };
 
   std::vector<Expect> row(D);
@@ -457,8 +480,9 @@ void RunCase(const Case& c, uint32_t seed) {
           for (int kv = 0; kv < 2; ++kv)
             for (int h = 0; h < H; ++h) {
               const int ml = c.layer_begin + l;
-              expect_row(ml, kv, [&](int d) { return src_value(s, ml, kv, h, s.begin + t, d); },
-                         [&](int d) { return src_bits(s, ml, kv, h, s.begin + t, d); }, pn, po, row);
+              expect_row(
+                  ml, kv, [&](int d) { return src_value(s, ml, kv, h, s.begin + t, d); },
+                  [&](int d) { return src_bits(s, ml, kv, h, s.begin + t, d); }, pn, po, row);
               auto [ai, a0] = alloc_of(l, kv);
               for (int d = 0; d < D; ++d) want[ai][a0 + eng_off(slot, h, d)] = row[d];
             }
@@ -484,8 +508,9 @@ void RunCase(const Case& c, uint32_t seed) {
               auto [ai, a0] = alloc_of(l, kv);
               const HostTensor& src = eng_host[ai];
               const int64_t base = a0 + eng_off(slot, h, 0);
-              expect_row(c.layer_begin + l, kv, [&](int d) { return static_cast<double>(src.Get(base + d)); },
-                         [&](int d) { return src.Bits(base + d); }, pos_new[r], pos_old[r], row);
+              expect_row(
+                  c.layer_begin + l, kv, [&](int d) { return static_cast<double>(src.Get(base + d)); },
+                  [&](int d) { return src.Bits(base + d); }, pos_new[r], pos_old[r], row);
               const size_t cbase = ((static_cast<size_t>(c.layer_begin + l) * 2 + kv) * H + h) * s.total * D +
                                    static_cast<size_t>(s.begin + t) * D;
               for (int d = 0; d < D; ++d) want[cbase + d] = row[d];

@@ -120,9 +120,7 @@ TEST(RopeTable, DynamicAndErrors) {
 
 // A view and span that pass every argument check; pointers are never dereferenced when no
 // device exists (the device check comes last, after argument checks).
-EngineKvView FakeView(void* p) {
-  return EngineKvView::Paged(DType::kBF16, 2, 64, 16, 4, {p, p}, {p, p});
-}
+EngineKvView FakeView(void* p) { return EngineKvView::Paged(DType::kBF16, 2, 64, 16, 4, {p, p}, {p, p}); }
 
 TEST(CudaKv, ArgumentErrorsBeforeDeviceUse) {
   void* fake = reinterpret_cast<void*>(uintptr_t{1} << 20);
