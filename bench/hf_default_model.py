@@ -14,14 +14,20 @@ import time
 
 import torch
 
+CPU_S = {}  # last median's process CPU seconds (all threads), keyed by id of the function
+
 
 def median_time(fn, reps):
+    """Median wall seconds of fn() after one warm-up; also records its median process CPU time
+    (on a shared, oversubscribed machine CPU time is the contention-independent figure)."""
     fn()
-    ts = []
+    ts, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         ts.append(time.perf_counter() - t)
+        cs.append(time.process_time() - c)
+    CPU_S["last"] = statistics.median(cs)
     return statistics.median(ts)
 
 
@@ -57,7 +63,9 @@ def measure(eng, ids, args):
     n = ids.numel()
     model = eng.model
     t_plain = median_time(lambda: model(input_ids=ids[None], logits_to_keep=1), args.reps)
+    c_plain = CPU_S["last"]
     t_cap = median_time(lambda: eng.capture(ids), args.reps)
+    c_cap = CPU_S["last"]
     cap, _ = eng.capture(ids)
     t_build = median_time(lambda: eng.build_cache(cap.kv), args.reps)
 
@@ -67,12 +75,14 @@ def measure(eng, ids, args):
             eng.prefill([1000], cache)
 
     t_dec = median_time(decode, 1) - t_build
+    c_dec = CPU_S["last"]
     t_q = median_time(lambda: eng.query_q(ids[-16:], prefix_kv=cap.kv[:, :, :, :32], layers=[5]), args.reps)
     print(
-        f"T={n}: prefill {n / t_plain:.0f} tok/s ({t_plain * 1e3:.0f} ms); capture {t_cap * 1e3:.0f} ms "
-        f"(+{(t_cap / t_plain - 1) * 100:.0f}%); build_cache {t_build * 1e3:.1f} ms; "
-        f"decode after {n} ctx {args.decode / t_dec:.1f} tok/s; query_q(16 tok, 32 prefix, layer 5) "
-        f"{t_q * 1e3:.0f} ms",
+        f"T={n} (load {os.getloadavg()[0]:.1f}): prefill {n / t_plain:.1f} tok/s wall, "
+        f"{n / c_plain:.1f} tok/CPU-s; capture {t_cap:.2f} s wall, {n / c_cap:.1f} tok/CPU-s; "
+        f"build_cache {t_build * 1e3:.0f} ms; decode {args.decode} tokens after {n}: "
+        f"{args.decode / t_dec:.2f} tok/s wall, {args.decode / c_dec:.2f} tok/CPU-s; "
+        f"query_q(16 tok after 32, up to layer 5) {t_q * 1e3:.0f} ms",
         flush=True,
     )
 

@@ -121,8 +121,7 @@ void BM_Search(benchmark::State& state, Config c) {
   state.counters["cpu_ms_all_threads"] = (ProcessCpuSeconds() - cpu0) * 1e3 / state.iterations();
   const double segs = static_cast<double>(c.segments) * state.iterations();
   state.counters["segments_per_s"] = benchmark::Counter(segs, benchmark::Counter::kIsRate);
-  state.counters["matrix_GBps"] =
-      benchmark::Counter(segs * idx->RowBytes() / 1e9, benchmark::Counter::kIsRate);
+  state.counters["matrix_GBps"] = benchmark::Counter(segs * idx->RowBytes() / 1e9, benchmark::Counter::kIsRate);
   state.counters["row_bytes"] = static_cast<double>(idx->RowBytes());
   state.counters["f16_summary_bytes"] = static_cast<double>(Pool()[0].Serialize(DType::kF16).size());
   state.counters["f32_summary_bytes"] = static_cast<double>(Pool()[0].Serialize(DType::kF32).size());
@@ -163,7 +162,9 @@ void BM_MemoryReadBandwidth(benchmark::State& state) {
 
 void Register() {
   benchmark::RegisterBenchmark("MemoryReadBandwidth", BM_MemoryReadBandwidth)
-      ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->Iterations(5);
   const Config configs[] = {
       {"1k/32L/bbox/f16", 1000, 32},
       {"1k/8L/bbox/f16", 1000, 8},

@@ -38,14 +38,17 @@ DType CheckedArray(const AnyCpuArray& a, size_t ndim, const char* what) {
   }
   const nb::dlpack::dtype dt = a.dtype();
   if (dt == nb::dtype<float>()) return DType::kF32;
-  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1) return DType::kF16;
-  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return DType::kBF16;
+  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1)
+    return DType::kF16;
+  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1)
+    return DType::kBF16;
   ThrowIfError(InvalidArgumentError(std::string(what) + ": dtype must be float32, float16 or bfloat16"));
   return DType::kF32;
 }
 
 int Dim(const AnyCpuArray& a, size_t i, const char* what) {
-  if (a.shape(i) > static_cast<size_t>(INT32_MAX)) ThrowIfError(InvalidArgumentError(std::string(what) + ": too large"));
+  if (a.shape(i) > static_cast<size_t>(INT32_MAX))
+    ThrowIfError(InvalidArgumentError(std::string(what) + ": too large"));
   return static_cast<int>(a.shape(i));
 }
 
@@ -88,7 +91,8 @@ void RegisterIndex(nb::module_& m) {
       [](const AnyCpuArray& keys, std::optional<std::vector<int>> layers, const std::string& dtype) {
         const DType in = CheckedArray(keys, 4, "keys");
         const DType out = EnumFromName<DType>(dtype, {{"f16", DType::kF16}, {"f32", DType::kF32}}, "dtype");
-        const int L = Dim(keys, 0, "keys"), H = Dim(keys, 1, "keys"), T = Dim(keys, 2, "keys"), D = Dim(keys, 3, "keys");
+        const int L = Dim(keys, 0, "keys"), H = Dim(keys, 1, "keys"), T = Dim(keys, 2, "keys"),
+                  D = Dim(keys, 3, "keys");
         const std::vector<int> ls = layers.value_or(std::vector<int>{});
         std::string bytes;
         Status st;
@@ -188,9 +192,11 @@ void RegisterIndex(nb::module_& m) {
           },
           "key"_a, "summary"_a, "ns"_a, "agent"_a, "session"_a, "turn"_a, "chunk"_a, "time_us"_a, "num_tokens"_a,
           "pinned"_a)
-      .def("remove", [](LatentIndex& idx, const Hash128& key) { ThrowIfError(idx.Remove(key)); }, "key"_a)
-      .def("set_pinned", [](LatentIndex& idx, const Hash128& key, bool p) { ThrowIfError(idx.SetPinned(key, p)); },
-           "key"_a, "pinned"_a)
+      .def(
+          "remove", [](LatentIndex& idx, const Hash128& key) { ThrowIfError(idx.Remove(key)); }, "key"_a)
+      .def(
+          "set_pinned", [](LatentIndex& idx, const Hash128& key, bool p) { ThrowIfError(idx.SetPinned(key, p)); },
+          "key"_a, "pinned"_a)
       .def("contains", &LatentIndex::Contains, "key"_a)
       .def("size", &LatentIndex::size)
       .def("memory_bytes", &LatentIndex::MemoryBytes)
@@ -200,8 +206,8 @@ void RegisterIndex(nb::module_& m) {
           "search",
           [](const LatentIndex& idx, const AnyCpuArray& q, int top_k, std::optional<int64_t> token_budget,
              std::vector<Hash128> pinned, std::optional<std::string> ns, std::optional<std::string> agent,
-             std::optional<std::string> session, std::optional<int64_t> min_time_us,
-             std::optional<int64_t> max_time_us, bool explain) {
+             std::optional<std::string> session, std::optional<int64_t> min_time_us, std::optional<int64_t> max_time_us,
+             bool explain) {
             const DType dt = CheckedArray(q, 4, "q");
             QueryView view{q.data(), dt, Dim(q, 0, "q"), Dim(q, 1, "q"), Dim(q, 2, "q"), Dim(q, 3, "q")};
             SearchRequest req;

@@ -71,8 +71,8 @@ struct KeySummary {
   // element type `dtype`: f32, f16 or bf16). `layers`: model layer indices to keep (any order,
   // no duplicates, each < num_layers); empty = all. InvalidArgument on bad shapes, dtype,
   // layers or non-finite keys.
-  static StatusOr<KeySummary> FromKeys(const void* keys, DType dtype, int num_layers, int num_kv_heads,
-                                       int num_tokens, int head_dim, std::span<const int> layers = {});
+  static StatusOr<KeySummary> FromKeys(const void* keys, DType dtype, int num_layers, int num_kv_heads, int num_tokens,
+                                       int head_dim, std::span<const int> layers = {});
   // Same from a Segment's canonical payload (its K planes). InvalidArgument if the segment is
   // invalid or its keys are not pre-RoPE.
   static StatusOr<KeySummary> FromSegment(const Segment& segment, std::span<const int> layers = {});
@@ -177,12 +177,12 @@ struct Vote {
 // Why a segment scored what it did: the mean normalised vote per layer, KV head and query chunk,
 // and the strongest individual votes.
 struct Breakdown {
-  std::vector<int> layers;        // model layer indices, matching per_layer
+  std::vector<int> layers;  // model layer indices, matching per_layer
   std::vector<float> per_layer;
   std::vector<float> per_kv_head;
   std::vector<float> per_chunk;
   std::vector<std::pair<int, int>> chunk_tokens;  // [begin, end) query tokens of each chunk
-  std::vector<Vote> top_votes;    // up to 3, strongest first
+  std::vector<Vote> top_votes;                    // up to 3, strongest first
 };
 
 struct Hit {

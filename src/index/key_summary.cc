@@ -97,8 +97,8 @@ int KeySummary::LayerSlot(int layer) const {
 StatusOr<KeySummary> KeySummary::FromKeys(const void* keys, DType dtype, int num_layers, int num_kv_heads,
                                           int num_tokens, int head_dim, std::span<const int> layers) {
   const size_t head_stride = static_cast<size_t>(std::max(num_tokens, 0)) * std::max(head_dim, 0);
-  return Summarize(keys, dtype, num_layers, num_kv_heads, num_tokens, head_dim,
-                   head_stride * std::max(num_kv_heads, 0), head_stride, layers);
+  return Summarize(keys, dtype, num_layers, num_kv_heads, num_tokens, head_dim, head_stride * std::max(num_kv_heads, 0),
+                   head_stride, layers);
 }
 
 StatusOr<KeySummary> KeySummary::FromSegment(const Segment& segment, std::span<const int> layers) {
@@ -107,8 +107,8 @@ StatusOr<KeySummary> KeySummary::FromSegment(const Segment& segment, std::span<c
   const SegmentLayout& lay = segment.layout;
   // Canonical [layer][k|v][head][token][dim]: the K plane of layer l starts at Offset(l, 0, 0, 0).
   const size_t layer_stride = lay.Offset(1, 0, 0, 0) - lay.Offset(0, 0, 0, 0);
-  return Summarize(segment.payload->data(), lay.dtype, lay.num_layers, lay.num_kv_heads, lay.num_tokens,
-                   lay.head_dim, layer_stride, lay.PlaneElements(), layers);
+  return Summarize(segment.payload->data(), lay.dtype, lay.num_layers, lay.num_kv_heads, lay.num_tokens, lay.head_dim,
+                   layer_stride, lay.PlaneElements(), layers);
 }
 
 std::string KeySummary::Serialize(DType dtype) const {
@@ -176,8 +176,8 @@ StatusOr<KeySummary> KeySummary::Deserialize(std::string_view bytes) {
   KVAGENT_RETURN_IF_ERROR(r.U32(&dim));
   KVAGENT_RETURN_IF_ERROR(r.U32(&tokens));
   KVAGENT_RETURN_IF_ERROR(r.U32(&nlayers));
-  if (heads < 1 || heads > kMaxHeads || dim < 1 || dim > kMaxDim || tokens < 1 || tokens > INT32_MAX ||
-      nlayers < 1 || nlayers > kMaxLayers) {
+  if (heads < 1 || heads > kMaxHeads || dim < 1 || dim > kMaxDim || tokens < 1 || tokens > INT32_MAX || nlayers < 1 ||
+      nlayers > kMaxLayers) {
     return DataLossError("key summary: bad geometry");
   }
   KeySummary s;

@@ -85,8 +85,8 @@ StatusOr<std::unique_ptr<LatentIndex>> LatentIndex::Create(const ModelSpec& spec
   if (options.token_chunks < 0) return InvalidArgumentError("token_chunks must be >= 0");
   if (!(options.top_p > 0 && options.top_p <= 1)) return InvalidArgumentError("top_p must be in (0, 1]");
   if (options.num_threads < 0) return InvalidArgumentError("num_threads must be >= 0");
-  if (static_cast<int>(options.score) > 1 || static_cast<int>(options.norm) > 2 ||
-      static_cast<int>(options.agg) > 2 || static_cast<int>(options.head_reduce) > 2) {
+  if (static_cast<int>(options.score) > 1 || static_cast<int>(options.norm) > 2 || static_cast<int>(options.agg) > 2 ||
+      static_cast<int>(options.head_reduce) > 2) {
     return InvalidArgumentError("unknown score, norm, agg or head_reduce value");
   }
   std::vector<int> layers = options.layers.empty() ? DefaultIndexLayers(spec.num_layers) : options.layers;
@@ -116,8 +116,7 @@ Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
                                 std::to_string(spec_.num_kv_heads) + ", " + std::to_string(spec_.head_dim) + ")");
   }
   const size_t per_layer = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
-  if (s.min.size() != s.layers.size() * per_layer || s.max.size() != s.min.size() ||
-      s.mean.size() != s.min.size()) {
+  if (s.min.size() != s.layers.size() * per_layer || s.max.size() != s.min.size() || s.mean.size() != s.min.size()) {
     return InvalidArgumentError("summary arrays do not match its geometry");
   }
   std::vector<int> slots;
@@ -257,7 +256,8 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
   const int U = B * C;
   const float scale = static_cast<float>(spec_.EffectiveAttnScale());
   std::vector<std::pair<int, int>> chunk_tokens(C);
-  for (int c = 0; c < C; ++c) chunk_tokens[c] = {static_cast<int>(int64_t{c} * T / C), static_cast<int>(int64_t{c + 1} * T / C)};
+  for (int c = 0; c < C; ++c)
+    chunk_tokens[c] = {static_cast<int>(int64_t{c} * T / C), static_cast<int>(int64_t{c + 1} * T / C)};
   std::vector<float> qp(static_cast<size_t>(B) * nq * W);
   {
     std::vector<double> acc(D);
@@ -274,7 +274,8 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
               for (int d = 0; d < D; ++d) acc[d] += LoadAsF32(q.data, q.dtype, base + d);
             }
           }
-          const double inv = static_cast<double>(scale) / ((h_hi - h_lo) * (chunk_tokens[c].second - chunk_tokens[c].first));
+          const double inv =
+              static_cast<double>(scale) / ((h_hi - h_lo) * (chunk_tokens[c].second - chunk_tokens[c].first));
           float* dst = qp.data() + (static_cast<size_t>(l * G + g) * nq + j) * W;
           for (int d = 0; d < D; ++d) {
             const float v = static_cast<float>(acc[d] * inv);

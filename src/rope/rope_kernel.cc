@@ -37,10 +37,10 @@ void ParallelFor(int64_t n, int threads, const std::function<void(int64_t, int64
 }
 
 // The build's -O2 leaves these loops scalar on older GCC; the kernel needs the vectoriser.
-// (No fast-math: results must stay bit-identical across builds and clones.)
+// No fast-math and no FMA contraction: results stay bit-identical across clones.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
-#pragma GCC optimize("O3")
+#pragma GCC optimize("O3", "fp-contract=off")
 #endif
 
 // F32ToBF16 of kvagent/dtype.h (round to nearest even, NaN kept quiet) written without a
@@ -136,13 +136,17 @@ void RotateUnit(const RopeFrequencies& freqs, const CosSinTable& table, const Pl
     LoadRow(x, p.in.dtype, dim, a);
     const float* c = table.cos.data() + static_cast<size_t>(t) * half;
     const float* s = table.sin.data() + static_cast<size_t>(t) * half;
+    // f32 rotates straight into the output row (a is a private copy, so no aliasing even in
+    // place); narrower dtypes go through b and one rounding store.
+    const bool direct = p.out.dtype == DType::kF32;
+    float* dst = direct ? reinterpret_cast<float*>(y) : b;
     if (freqs.style == RopeStyle::kHalfSplit) {
-      RotateHalfSplit(a, b, c, s, half);
+      RotateHalfSplit(a, dst, c, s, half);
     } else {
-      RotateInterleaved(a, b, c, s, half);
+      RotateInterleaved(a, dst, c, s, half);
     }
-    for (int j = rot; j < dim; ++j) b[j] = a[j];
-    StoreRow(b, dim, p.out.dtype, y);
+    for (int j = rot; j < dim; ++j) dst[j] = a[j];
+    if (!direct) StoreRow(b, dim, p.out.dtype, y);
   }
 }
 

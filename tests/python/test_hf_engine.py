@@ -344,3 +344,22 @@ def test_sdpa_matches_eager():
     l1 = e1.prefill(ids[9:], e1.build_cache(c1.kv))
     l2 = e2.prefill(ids[9:], e2.build_cache(c1.kv))
     assert (l1 - l2).abs().max() <= TOL
+
+
+def test_model_spec_and_fingerprint():
+    import kv_agent
+
+    eng = HFEngine(_tiny("gemma3"))
+    spec = eng.model_spec("tiny-gemma3")
+    spec.validate()
+    assert (spec.num_layers, spec.num_q_heads, spec.num_kv_heads, spec.head_dim) == (4, 4, 1, 16)
+    assert [ls.sliding_window for ls in spec.layers] == [6, 6, 0, 6]
+    assert [ls.rope.theta for ls in spec.layers] == [100.0, 100.0, 1e6, 100.0]
+    assert spec.attn_scale == pytest.approx(24**-0.5) and spec.kv_dtype == kv_agent.DType.f32
+    assert spec.kv_bytes_per_token() == 4 * 2 * 1 * 16 * 4
+    same = HFEngine(_tiny("gemma3")).weights_fingerprint()
+    assert same == spec.fingerprint and not same.is_zero()
+    other = _tiny("gemma3")
+    with torch.no_grad():
+        other.model.layers[3].mlp.up_proj.weight[0, 0] += 1e-3
+    assert HFEngine(other).weights_fingerprint() != same

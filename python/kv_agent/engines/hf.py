@@ -20,18 +20,25 @@ Thread-safety: an HFEngine is not thread-safe (hooks are installed on the shared
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+import kv_agent
 from kv_agent import rope as _rope  # the C++ positioner
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
 # Layout of the per-head q/k norm's output: Qwen3 normalises before the head transpose,
 # Gemma 3 after it.
 _NORM_LAYOUT = {"qwen3": "bthd", "gemma3_text": "bhtd"}
+_DTYPES = {
+    torch.float32: kv_agent.DType.f32,
+    torch.float16: kv_agent.DType.f16,
+    torch.bfloat16: kv_agent.DType.bf16,
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -136,6 +143,43 @@ class HFEngine:
         self.rope_specs = list(_rope.layer_rope_specs(cfg))[: self.num_layers]
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"model dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        self._fingerprint = None
+
+    # ------------------------------------------------------------------ identity
+    def weights_fingerprint(self) -> kv_agent.Hash128:
+        """128-bit identity of the weights: BLAKE2b over every parameter and buffer's name, dtype,
+        shape and bytes, plus the config. Computed once (about a second per GB) and cached."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(self.config.to_json_string(use_diff=False).encode())
+            for name, t in sorted(self.model.state_dict().items()):
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()))
+            self._fingerprint = kv_agent.Hash128.from_hex(h.hexdigest())
+        return self._fingerprint
+
+    def model_spec(self, name: str | None = None) -> kv_agent.ModelSpec:
+        """The kv_agent ModelSpec of this model: geometry, per-layer window and RoPE, the
+        attention scale used by retrieval, KV dtype and the weights fingerprint."""
+        spec = kv_agent.ModelSpec()
+        spec.name = name or getattr(self.config, "_name_or_path", "") or self.model_type
+        spec.num_layers = self.num_layers
+        spec.num_q_heads = self.num_q_heads
+        spec.num_kv_heads = self.num_kv_heads
+        spec.head_dim = self.head_dim
+        spec.kv_dtype = _DTYPES[self.dtype]
+        spec.attn_scale = self.attn_scale
+        layers = []
+        for i in range(self.num_layers):
+            ls = kv_agent.LayerSpec()
+            ls.sliding_window = self.windows[i]
+            ls.rope = self.rope_specs[i]
+            layers.append(ls)
+        spec.layers = layers
+        spec.fingerprint = self.weights_fingerprint()
+        return spec
 
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager

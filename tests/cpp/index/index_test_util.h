@@ -50,7 +50,9 @@ inline std::vector<double> ReferenceScores(const ModelSpec& spec, const IndexOpt
   const size_t S = sums.size();
   const int U = L * G * C;
   std::vector<std::vector<double>> x(S, std::vector<double>(U));
-  auto qv = [&](int l, int h, int t, int d) { return static_cast<double>(q[((static_cast<size_t>(l) * Hq + h) * T + t) * D + d]); };
+  auto qv = [&](int l, int h, int t, int d) {
+    return static_cast<double>(q[((static_cast<size_t>(l) * Hq + h) * T + t) * D + d]);
+  };
   for (int l = 0; l < L; ++l) {
     for (int g = 0; g < G; ++g) {
       for (int c = 0; c < C; ++c) {

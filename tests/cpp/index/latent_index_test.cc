@@ -27,8 +27,8 @@ Fixture MakeFixture(std::mt19937& rng, const ModelSpec& spec, int segments) {
   for (int i = 0; i < segments; ++i) {
     const int T = tok(rng);
     auto k = RandomKeys(rng, spec.num_layers, spec.num_kv_heads, T, spec.head_dim);
-    f.sums.push_back(KeySummary::FromKeys(k.data(), DType::kF32, spec.num_layers, spec.num_kv_heads, T,
-                                          spec.head_dim).value());
+    f.sums.push_back(
+        KeySummary::FromKeys(k.data(), DType::kF32, spec.num_layers, spec.num_kv_heads, T, spec.head_dim).value());
     IndexEntry e;
     e.key = MemoryKey("ns", "s" + std::to_string(i % 3), i, 0);
     e.ns = i % 5 == 4 ? "other" : "ns";
@@ -172,7 +172,9 @@ TEST(LatentIndex, TopKEqualsBruteForce) {
     for (size_t i = 1; i < hits.size(); ++i) EXPECT_LT(hits[i - 1].entry.time_us, hits[i].entry.time_us);
     for (const Hit& a : hits)
       for (const Hit& b : hits)
-        if (a.rank < b.rank) EXPECT_GE(a.score, b.score);
+        if (a.rank < b.rank) {
+          EXPECT_GE(a.score, b.score);
+        }
   }
 }
 
@@ -273,7 +275,9 @@ TEST(LatentIndex, FiltersPinsAndBudget) {
     EXPECT_TRUE(has7);
     EXPECT_LE(unpinned, 6);
     EXPECT_LE(used, std::max(budget, pinned_tokens));
-    if (budget == 10000) EXPECT_EQ(unpinned, 6);
+    if (budget == 10000) {
+      EXPECT_EQ(unpinned, 6);
+    }
   }
   // ns filter excludes even pinned segments of other namespaces.
   SearchRequest o;

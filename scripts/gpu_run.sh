@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Run on the GPU machine, from the repository root, in one call (about 2-6 minutes):
+#   bash scripts/gpu_run.sh
+# Uses prebuilt binaries from build-gpubundle/ (made by scripts/gpu_prebuild.sh on the CPU machine
+# and carried along) when present; otherwise configures and builds here (Release, sm_90), which
+# needs GTest, SQLite and xxHash development files on this machine. Then runs the CUDA unit and
+# gpu tests and the KV benchmark; logs and the CSV go to $OUT (default ./out/gpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out/gpu}
+mkdir -p "$OUT"
+BUNDLE=build-gpubundle
+status=0
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+  nvcc --version | tail -2 || true
+  uname -m
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if [ -x "$BUNDLE/cuda_kv_move_test" ]; then
+  BIN=$BUNDLE
+  export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "using prebuilt binaries from $BUNDLE (commit $(cat $BUNDLE/COMMIT 2>/dev/null), tree $(git rev-parse HEAD 2>/dev/null))" \
+    | tee "$OUT/build.log"
+else
+  BUILD=build-gpu
+  (cmake -S . -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVAGENT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+     -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_BUILD_PYTHON=OFF &&
+   cmake --build $BUILD -j"$(nproc)" --target core_test cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test \
+     cuda_kv_bench) > "$OUT/build.log" 2>&1
+  rc=$?
+  tail -20 "$OUT/build.log"
+  if [ $rc -ne 0 ]; then
+    echo "BUILD FAILED (rc=$rc): see $OUT/build.log; run scripts/gpu_prebuild.sh on the CPU machine and carry build-gpubundle"
+    exit 1
+  fi
+  BIN=$BUILD/stage
+  mkdir -p $BIN
+  cp $BUILD/tests/cpp/core/core_test $BUILD/tests/cpp/cuda/cuda_nodevice_test $BUILD/tests/cpp/cuda/cuda_kv_move_test \
+    $BUILD/tests/cpp/cuda/cuda_device_tier_test $BUILD/tests/cpp/cuda/bench_cuda/cuda_kv_bench $BIN/
+fi
+
+: > "$OUT/tests.log"
+summary=""
+for t in cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test; do
+  echo "=== $t" >> "$OUT/tests.log"
+  timeout 240 "$BIN/$t" --gtest_color=no > "$OUT/$t.tmp" 2>&1
+  rc=$?
+  cat "$OUT/$t.tmp" >> "$OUT/tests.log"
+  echo "=== $t rc=$rc" >> "$OUT/tests.log"
+  summary+="$t rc=$rc: $(grep -E '^\[  (PASSED|FAILED)  \] [0-9]+ test' "$OUT/$t.tmp" | tr '\n' ' ')"$'\n'
+  summary+="$(grep -E '^\[  FAILED  \] [A-Za-z]' "$OUT/$t.tmp" | grep -v ' ms)$' | head -10)"$'\n'
+  rm -f "$OUT/$t.tmp"
+  [ $rc -ne 0 ] && status=1
+done
+
+echo "=== cuda_kv_bench" | tee "$OUT/bench.log"
+timeout 300 "$BIN/cuda_kv_bench" --csv "$OUT/cuda_kv_bench.csv" >> "$OUT/bench.log" 2>&1
+rc=$?
+echo "=== cuda_kv_bench rc=$rc" >> "$OUT/bench.log"
+[ $rc -ne 0 ] && status=1
+
+echo
+echo "---- tests"
+printf '%s' "$summary"
+echo "---- benchmark"
+tail -25 "$OUT/bench.log"
+echo "gpu_run status: $status"
+exit $status
