@@ -17,5 +17,4 @@ if(_san)
   # INTERFACE target to the library, tests and benchmarks alike.
   target_compile_options(kvagent_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:${_san}>)
   target_link_options(kvagent_flags INTERFACE ${_san})
-  target_compile_options(kvagent PRIVATE ${_san})
 endif()

@@ -92,9 +92,10 @@ Status ErrnoToStatus(int err, std::string_view context);
 template <typename T>
 class [[nodiscard]] StatusOr {
  public:
-  StatusOr(Status status) : status_(std::move(status)) {  // NOLINT(google-explicit-constructor)
-    assert(!status_.ok() && "StatusOr constructed from an OK status without a value");
-    if (status_.ok()) status_ = InternalError("StatusOr constructed from OK status without value");
+  // An OK status without a value is a programming error; it becomes Internal (and asserts).
+  StatusOr(Status status)  // NOLINT(google-explicit-constructor)
+      : status_(status.ok() ? InternalError("StatusOr constructed from OK status without value") : std::move(status)) {
+    assert(!status_.ok());
   }
   StatusOr(T value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
 

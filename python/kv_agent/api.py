@@ -226,7 +226,6 @@ class CacheManager:
             raise InvalidArgumentError("max_segment_tokens must be >= 1")
         from kv_agent.chat_format import format_for
         from kv_agent.engines.hf import HFEngine
-        from kv_agent.fingerprint import model_spec_for_engine
 
         if isinstance(model, HFEngine):
             self.engine = model
@@ -242,7 +241,7 @@ class CacheManager:
         self.tokenizer = self.engine.tokenizer
         if self.tokenizer is None:
             raise InvalidArgumentError("CacheManager needs a tokenizer")
-        self.spec = model_spec_for_engine(self.engine)
+        self.spec = self.engine.model_spec()
         self.format = format_for(self.engine.model_type, self.tokenizer)
         self.max_segment_tokens = max_segment_tokens
         self.recent_turns = recent_turns

@@ -83,7 +83,6 @@ def main(argv=None) -> int:
 
     from kv_agent import index as kvindex
     from kv_agent.engines.hf import HFEngine
-    from kv_agent.fingerprint import model_spec_for_engine
 
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -101,7 +100,9 @@ def main(argv=None) -> int:
     engine = HFEngine(model)
     from kv_agent import _core
 
-    spec = model_spec_for_engine(engine, fingerprint=_core.Hash128.of_str("random-llama-3.1-8b-shape"))
+    # Random weights: a fixed identity instead of hashing 16 GB of parameters.
+    engine._fingerprint = _core.Hash128.of_str("random-llama-3.1-8b-shape")
+    spec = engine.model_spec()
     L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     bytes_per_token = L * 2 * Hkv * D * torch.tensor([], dtype=dtype).element_size()
     gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
