@@ -55,7 +55,9 @@ inline uint16_t Bf16RoundBranchless(float f) {
 // Row conversions. bf16 widening is a shift; narrowing uses dtype.h's round-to-nearest-even.
 inline void LoadRow(const void* src, DType t, int n, float* __restrict dst) {
   switch (t) {
-    case DType::kF32: std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n)); break;
+    case DType::kF32:
+      std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+      break;
     case DType::kBF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
       for (int j = 0; j < n; ++j) dst[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16);
@@ -66,13 +68,16 @@ inline void LoadRow(const void* src, DType t, int n, float* __restrict dst) {
       for (int j = 0; j < n; ++j) dst[j] = F16ToF32(s[j]);
       break;
     }
-    default: break;
+    default:
+      break;
   }
 }
 
 inline void StoreRow(const float* __restrict src, int n, DType t, void* dst) {
   switch (t) {
-    case DType::kF32: std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n)); break;
+    case DType::kF32:
+      std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+      break;
     case DType::kBF16: {
       uint16_t* d = static_cast<uint16_t*>(dst);
       for (int j = 0; j < n; ++j) d[j] = Bf16RoundBranchless(src[j]);
@@ -83,7 +88,8 @@ inline void StoreRow(const float* __restrict src, int n, DType t, void* dst) {
       for (int j = 0; j < n; ++j) d[j] = F32ToF16(src[j]);
       break;
     }
-    default: break;
+    default:
+      break;
   }
 }
 
@@ -163,8 +169,8 @@ int ThreadsFor(const RopeOptions& options, size_t elements) {
   return static_cast<int>(std::min<size_t>(static_cast<size_t>(limit), by_work));
 }
 
-CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> positions, double scale,
-                       bool negate_sin, int threads) {
+CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> positions, double scale, bool negate_sin,
+                       int threads) {
   CosSinTable t;
   t.half = freqs.rotary_dim / 2;
   t.tokens = static_cast<int64_t>(positions.size());
@@ -194,8 +200,8 @@ void RotatePlanes(const RopeFrequencies& freqs, const CosSinTable& table, std::s
   for (size_t pi = 0; pi < planes.size(); ++pi) {
     for (int64_t h = 0; h < planes[pi].in.num_heads; ++h) {
       for (int64_t t = 0; t < table.tokens; t += kTokenBlock) {
-        units.push_back(Unit{static_cast<int32_t>(pi), static_cast<int32_t>(h), t,
-                             std::min(table.tokens, t + kTokenBlock)});
+        units.push_back(
+            Unit{static_cast<int32_t>(pi), static_cast<int32_t>(h), t, std::min(table.tokens, t + kTokenBlock)});
       }
     }
   }

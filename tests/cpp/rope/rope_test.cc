@@ -1,3 +1,5 @@
+#include "kvagent/rope.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -5,7 +7,6 @@
 #include <random>
 #include <vector>
 
-#include "kvagent/rope.h"
 #include "rope/rope_reference.h"
 
 namespace kvagent {
@@ -21,16 +22,31 @@ RopeSpec MakeSpec(RopeScaling scaling, RopeStyle style, int rotary_dim) {
   s.rotary_dim = rotary_dim;
   s.scaling = scaling;
   switch (scaling) {
-    case RopeScaling::kNone: s.theta = 10000.0; break;
-    case RopeScaling::kLinear: s.factor = 8.0; s.theta = 1e6; break;
+    case RopeScaling::kNone:
+      s.theta = 10000.0;
+      break;
+    case RopeScaling::kLinear:
+      s.factor = 8.0;
+      s.theta = 1e6;
+      break;
     case RopeScaling::kLlama3:
-      s.factor = 8.0; s.low_freq_factor = 1.0; s.high_freq_factor = 4.0; s.original_max_position = 8192;
+      s.factor = 8.0;
+      s.low_freq_factor = 1.0;
+      s.high_freq_factor = 4.0;
+      s.original_max_position = 8192;
       break;
     case RopeScaling::kYarn:
-      s.theta = 1e6; s.factor = 4.0; s.original_max_position = 32768; s.beta_fast = 32; s.beta_slow = 1;
+      s.theta = 1e6;
+      s.factor = 4.0;
+      s.original_max_position = 32768;
+      s.beta_fast = 32;
+      s.beta_slow = 1;
       break;
     case RopeScaling::kDynamicNtk:
-      s.theta = 10000.0; s.factor = 2.0; s.original_max_position = 4096; s.dynamic_max_position = 20000;
+      s.theta = 10000.0;
+      s.factor = 2.0;
+      s.original_max_position = 4096;
+      s.dynamic_max_position = 20000;
       break;
   }
   return s;
@@ -140,8 +156,8 @@ TEST(RopeApply, MatchesReferenceOverGrid) {
                       ReferenceRotate(row, f->inv_freq, style, pos[t], f->attention_factor, false);
                   const double tol = 1e-6 * RowNorm(&xin[off], dim) * f->attention_factor;
                   for (int j = 0; j < dim; ++j) {
-                    ASSERT_NEAR(y32[off + j], ref[j], tol)
-                        << RopeTypeName(sc) << " style " << int(style) << " dim " << dim << " rot " << rot << " j " << j;
+                    ASSERT_NEAR(y32[off + j], ref[j], tol) << RopeTypeName(sc) << " style " << int(style) << " dim "
+                                                           << dim << " rot " << rot << " j " << j;
                   }
                 }
               }
@@ -173,7 +189,9 @@ TEST(RopeApply, RoundTripsAndRepositionEqualsDirectRotation) {
         std::vector<float> pre = RandomValues(n, ++seed);
         std::vector<int64_t> from = RandomPositions(tokens, seed, 1'000'000);
         std::vector<int64_t> to = RandomPositions(tokens, seed + 7, 1'000'000);
-        auto view = [&](std::vector<float>& v) { return RopeTensorView::Dense(v.data(), DType::kF32, heads, tokens, dim); };
+        auto view = [&](std::vector<float>& v) {
+          return RopeTensorView::Dense(v.data(), DType::kF32, heads, tokens, dim);
+        };
         std::vector<float> post_from(n), post_to(n), moved(n), back(n), again(n);
         ASSERT_TRUE(RopeApply(s, dim, view(pre), view(post_from), from, RopeDirection::kForward).ok());
         ASSERT_TRUE(RopeApply(s, dim, view(pre), view(post_to), to, RopeDirection::kForward).ok());
