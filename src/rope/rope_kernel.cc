@@ -113,6 +113,32 @@ inline void RotateInterleaved(const float* __restrict a, float* __restrict b, co
   }
 }
 
+inline float WidenBf16(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+
+// bf16 -> bf16 in one pass (no staging rows). Iteration i reads and writes only elements i and
+// i + half (or 2i, 2i + 1), so in-place use has no cross-iteration dependence: ivdep is sound.
+inline void RotateHalfSplitBf16(const uint16_t* x, uint16_t* y, const float* __restrict c, const float* __restrict s,
+                                int half) {
+#pragma GCC ivdep
+  for (int i = 0; i < half; ++i) {
+    const float x0 = WidenBf16(x[i]);
+    const float x1 = WidenBf16(x[i + half]);
+    y[i] = Bf16RoundBranchless(x0 * c[i] - x1 * s[i]);
+    y[i + half] = Bf16RoundBranchless(x1 * c[i] + x0 * s[i]);
+  }
+}
+
+inline void RotateInterleavedBf16(const uint16_t* x, uint16_t* y, const float* __restrict c,
+                                  const float* __restrict s, int half) {
+#pragma GCC ivdep
+  for (int i = 0; i < half; ++i) {
+    const float x0 = WidenBf16(x[2 * i]);
+    const float x1 = WidenBf16(x[2 * i + 1]);
+    y[2 * i] = Bf16RoundBranchless(x0 * c[i] - x1 * s[i]);
+    y[2 * i + 1] = Bf16RoundBranchless(x1 * c[i] + x0 * s[i]);
+  }
+}
+
 struct Unit {
   int32_t plane;
   int32_t head;
@@ -139,9 +165,20 @@ void RotateUnit(const RopeFrequencies& freqs, const CosSinTable& table, const Pl
   for (int64_t t = t0; t < t1; ++t) {
     const std::byte* x = in_base + static_cast<size_t>(head * p.in.head_stride + t * p.in.token_stride) * in_es;
     std::byte* y = out_base + static_cast<size_t>(head * p.out.head_stride + t * p.out.token_stride) * out_es;
-    LoadRow(x, p.in.dtype, dim, a);
     const float* c = table.cos.data() + static_cast<size_t>(t) * half;
     const float* s = table.sin.data() + static_cast<size_t>(t) * half;
+    if (p.in.dtype == DType::kBF16 && p.out.dtype == DType::kBF16) {
+      const auto* xs = reinterpret_cast<const uint16_t*>(x);
+      auto* ys = reinterpret_cast<uint16_t*>(y);
+      if (freqs.style == RopeStyle::kHalfSplit) {
+        RotateHalfSplitBf16(xs, ys, c, s, half);
+      } else {
+        RotateInterleavedBf16(xs, ys, c, s, half);
+      }
+      for (int j = rot; j < dim; ++j) ys[j] = Bf16RoundBranchless(WidenBf16(xs[j]));
+      continue;
+    }
+    LoadRow(x, p.in.dtype, dim, a);
     // f32 rotates straight into the output row (a is a private copy, so no aliasing even in
     // place); narrower dtypes go through b and one rounding store.
     const bool direct = p.out.dtype == DType::kF32;
@@ -184,6 +221,12 @@ CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> po
       const double p = static_cast<double>(positions[static_cast<size_t>(tok)]);
       float* c = t.cos.data() + static_cast<size_t>(tok) * t.half;
       float* s = t.sin.data() + static_cast<size_t>(tok) * t.half;
+      // Runs of equal positions (a segment moved as a block has one delta) reuse the row.
+      if (tok > b && positions[static_cast<size_t>(tok)] == positions[static_cast<size_t>(tok - 1)]) {
+        std::memcpy(c, c - t.half, sizeof(float) * static_cast<size_t>(t.half));
+        std::memcpy(s, s - t.half, sizeof(float) * static_cast<size_t>(t.half));
+        continue;
+      }
       for (int i = 0; i < t.half; ++i) {
         const double angle = p * static_cast<double>(freqs.inv_freq[static_cast<size_t>(i)]);
         c[i] = static_cast<float>(std::cos(angle) * scale);

@@ -364,3 +364,34 @@ TEST(RopeApply, Bf16SpecialValuesRoundLikeDtypeH) {
 
 }  // namespace
 }  // namespace kvagent
+
+namespace kvagent {
+namespace {
+
+// Repeated positions reuse a cos/sin row; results must equal token-by-token rotation.
+TEST(RopeApply, RepeatedPositionsMatchSingleTokenCalls) {
+  RopeSpec s;
+  s.scaling = RopeScaling::kYarn;
+  s.factor = 4;
+  s.original_max_position = 4096;
+  const int dim = 80, tokens = 7;
+  std::vector<float> x(static_cast<size_t>(tokens) * dim), y(x.size());
+  std::mt19937 rng(8);
+  std::normal_distribution<float> d;
+  for (float& v : x) v = d(rng);
+  const std::vector<int64_t> pos = {7, 7, 7, 9, 9, 123456, 7};
+  ASSERT_TRUE(RopeApply(s, dim, RopeTensorView::Dense(x.data(), DType::kF32, 1, tokens, dim),
+                        RopeTensorView::Dense(y.data(), DType::kF32, 1, tokens, dim), pos, RopeDirection::kForward)
+                  .ok());
+  for (int t = 0; t < tokens; ++t) {
+    std::vector<float> one(dim);
+    std::vector<int64_t> p = {pos[t]};
+    ASSERT_TRUE(RopeApply(s, dim, RopeTensorView::Dense(&x[static_cast<size_t>(t) * dim], DType::kF32, 1, 1, dim),
+                          RopeTensorView::Dense(one.data(), DType::kF32, 1, 1, dim), p, RopeDirection::kForward)
+                    .ok());
+    ASSERT_EQ(0, std::memcmp(one.data(), &y[static_cast<size_t>(t) * dim], dim * sizeof(float))) << t;
+  }
+}
+
+}  // namespace
+}  // namespace kvagent
