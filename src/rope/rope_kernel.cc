@@ -128,8 +128,8 @@ inline void RotateHalfSplitBf16(const uint16_t* x, uint16_t* y, const float* __r
   }
 }
 
-inline void RotateInterleavedBf16(const uint16_t* x, uint16_t* y, const float* __restrict c,
-                                  const float* __restrict s, int half) {
+inline void RotateInterleavedBf16(const uint16_t* x, uint16_t* y, const float* __restrict c, const float* __restrict s,
+                                  int half) {
 #pragma GCC ivdep
   for (int i = 0; i < half; ++i) {
     const float x0 = WidenBf16(x[2 * i]);
