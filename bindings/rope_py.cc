@@ -99,13 +99,15 @@ void RegisterRope(nb::module_& m) {
         "inverse=True: post-RoPE -> pre-RoPE. Releases the GIL.");
   m.def("rope_reposition_into", &Reposition, "x"_a, "out"_a, "from_positions"_a, "to_positions"_a, "rope"_a,
         "head_dim"_a, "Post-RoPE at from -> post-RoPE at to (one rotation). Releases the GIL.");
-  m.def("rope_inv_freq",
-        [](const RopeSpec& rope, int head_dim) { return ValueOrThrow(ComputeRopeFrequencies(rope, head_dim)).inv_freq; },
-        "rope"_a, "head_dim"_a, "The float32 inverse frequencies used for `rope` (rotary_dim / 2 values).");
+  m.def(
+      "rope_inv_freq",
+      [](const RopeSpec& rope, int head_dim) { return ValueOrThrow(ComputeRopeFrequencies(rope, head_dim)).inv_freq; },
+      "rope"_a, "head_dim"_a, "The float32 inverse frequencies used for `rope` (rotary_dim / 2 values).");
   m.def("rope_attention_factor", &RopeAttentionFactor, "rope"_a,
         "Factor multiplying cos/sin in the forward direction (YaRN; 1 otherwise).");
-  m.def("rope_validate", [](const RopeSpec& rope, int head_dim) { ThrowIfError(ValidateRopeSpec(rope, head_dim)); },
-        "rope"_a, "head_dim"_a);
+  m.def(
+      "rope_validate", [](const RopeSpec& rope, int head_dim) { ThrowIfError(ValidateRopeSpec(rope, head_dim)); },
+      "rope"_a, "head_dim"_a);
   m.def("rope_supported_types", [] {
     std::vector<std::string> out;
     for (std::string_view t : SupportedRopeTypes()) out.emplace_back(t);

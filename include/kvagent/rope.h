@@ -53,9 +53,9 @@ std::string_view RopeTypeName(RopeScaling scaling);
 // The frequency table of one RopeSpec at one head dimension.
 struct RopeFrequencies {
   int head_dim = 0;
-  int rotary_dim = 0;        // rotated dims (even); dims [rotary_dim, head_dim) pass through
+  int rotary_dim = 0;  // rotated dims (even); dims [rotary_dim, head_dim) pass through
   RopeStyle style = RopeStyle::kHalfSplit;
-  std::vector<float> inv_freq;  // rotary_dim / 2 entries, HF's fp32 values
+  std::vector<float> inv_freq;    // rotary_dim / 2 entries, HF's fp32 values
   double attention_factor = 1.0;  // multiplies cos and sin in the forward direction (YaRN)
 };
 

@@ -123,14 +123,21 @@ Status SegmentKeys(const ModelSpec& spec, const SegmentLayout& layout, std::span
     std::vector<PlanePair> planes;
     for (int l : layers) {
       void* k = payload.data() + layout.Offset(l, 0, 0, 0) * es;
-      RopeTensorView v = RopeTensorView::Dense(k, layout.dtype, layout.num_kv_heads, layout.num_tokens, layout.head_dim);
+      RopeTensorView v =
+          RopeTensorView::Dense(k, layout.dtype, layout.num_kv_heads, layout.num_tokens, layout.head_dim);
       planes.push_back(PlanePair{v, v});
     }
     Status st;
     switch (op) {
-      case SegmentOp::kRotate: st = Rotate(freqs, planes, to, freqs.attention_factor, false, options); break;
-      case SegmentOp::kUnrotate: st = Rotate(freqs, planes, from, 1.0 / freqs.attention_factor, true, options); break;
-      case SegmentOp::kReposition: st = Rotate(freqs, planes, delta, 1.0, false, options); break;
+      case SegmentOp::kRotate:
+        st = Rotate(freqs, planes, to, freqs.attention_factor, false, options);
+        break;
+      case SegmentOp::kUnrotate:
+        st = Rotate(freqs, planes, from, 1.0 / freqs.attention_factor, true, options);
+        break;
+      case SegmentOp::kReposition:
+        st = Rotate(freqs, planes, delta, 1.0, false, options);
+        break;
     }
     KVAGENT_RETURN_IF_ERROR(st);
   }

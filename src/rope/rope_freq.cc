@@ -144,7 +144,8 @@ Status ValidateRopeSpec(const RopeSpec& s, int head_dim) {
     return InvalidArgumentError("rope: llama3 needs 0 < low_freq_factor < high_freq_factor");
   }
   if (s.scaling == RopeScaling::kYarn) {
-    if (!(s.beta_fast > 0) || !(s.beta_slow > 0)) return InvalidArgumentError("rope: yarn needs beta_fast, beta_slow > 0");
+    if (!(s.beta_fast > 0) || !(s.beta_slow > 0))
+      return InvalidArgumentError("rope: yarn needs beta_fast, beta_slow > 0");
     if (s.attention_factor < 0 || !std::isfinite(s.attention_factor)) {
       return InvalidArgumentError("rope: yarn attention_factor must be >= 0 (0 = derived from factor)");
     }
@@ -167,14 +168,22 @@ StatusOr<RopeFrequencies> ComputeRopeFrequencies(const RopeSpec& spec, int head_
   f.attention_factor = RopeAttentionFactor(spec);
   const int dim = f.rotary_dim;
   switch (spec.scaling) {
-    case RopeScaling::kNone: DefaultInvFreq(static_cast<float>(spec.theta), dim, &f.inv_freq); break;
+    case RopeScaling::kNone:
+      DefaultInvFreq(static_cast<float>(spec.theta), dim, &f.inv_freq);
+      break;
     case RopeScaling::kLinear:
       DefaultInvFreq(static_cast<float>(spec.theta), dim, &f.inv_freq);
       for (float& v : f.inv_freq) v /= static_cast<float>(spec.factor);
       break;
-    case RopeScaling::kLlama3: Llama3InvFreq(spec, dim, &f.inv_freq); break;
-    case RopeScaling::kYarn: YarnInvFreq(spec, dim, &f.inv_freq); break;
-    case RopeScaling::kDynamicNtk: DynamicInvFreq(spec, dim, &f.inv_freq); break;
+    case RopeScaling::kLlama3:
+      Llama3InvFreq(spec, dim, &f.inv_freq);
+      break;
+    case RopeScaling::kYarn:
+      YarnInvFreq(spec, dim, &f.inv_freq);
+      break;
+    case RopeScaling::kDynamicNtk:
+      DynamicInvFreq(spec, dim, &f.inv_freq);
+      break;
   }
   return f;
 }

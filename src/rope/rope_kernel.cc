@@ -55,7 +55,9 @@ inline uint16_t Bf16RoundBranchless(float f) {
 // Row conversions. bf16 widening is a shift; narrowing uses dtype.h's round-to-nearest-even.
 inline void LoadRow(const void* src, DType t, int n, float* __restrict dst) {
   switch (t) {
-    case DType::kF32: std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n)); break;
+    case DType::kF32:
+      std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+      break;
     case DType::kBF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
       for (int j = 0; j < n; ++j) dst[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16);
@@ -66,13 +68,16 @@ inline void LoadRow(const void* src, DType t, int n, float* __restrict dst) {
       for (int j = 0; j < n; ++j) dst[j] = F16ToF32(s[j]);
       break;
     }
-    default: break;
+    default:
+      break;
   }
 }
 
 inline void StoreRow(const float* __restrict src, int n, DType t, void* dst) {
   switch (t) {
-    case DType::kF32: std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n)); break;
+    case DType::kF32:
+      std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+      break;
     case DType::kBF16: {
       uint16_t* d = static_cast<uint16_t*>(dst);
       for (int j = 0; j < n; ++j) d[j] = Bf16RoundBranchless(src[j]);
@@ -83,7 +88,8 @@ inline void StoreRow(const float* __restrict src, int n, DType t, void* dst) {
       for (int j = 0; j < n; ++j) d[j] = F32ToF16(src[j]);
       break;
     }
-    default: break;
+    default:
+      break;
   }
 }
 
@@ -104,6 +110,32 @@ inline void RotateInterleaved(const float* __restrict a, float* __restrict b, co
     const float x1 = a[2 * i + 1];
     b[2 * i] = x0 * c[i] - x1 * s[i];
     b[2 * i + 1] = x1 * c[i] + x0 * s[i];
+  }
+}
+
+inline float WidenBf16(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+
+// bf16 -> bf16 in one pass (no staging rows). Iteration i reads and writes only elements i and
+// i + half (or 2i, 2i + 1), so in-place use has no cross-iteration dependence: ivdep is sound.
+inline void RotateHalfSplitBf16(const uint16_t* x, uint16_t* y, const float* __restrict c, const float* __restrict s,
+                                int half) {
+#pragma GCC ivdep
+  for (int i = 0; i < half; ++i) {
+    const float x0 = WidenBf16(x[i]);
+    const float x1 = WidenBf16(x[i + half]);
+    y[i] = Bf16RoundBranchless(x0 * c[i] - x1 * s[i]);
+    y[i + half] = Bf16RoundBranchless(x1 * c[i] + x0 * s[i]);
+  }
+}
+
+inline void RotateInterleavedBf16(const uint16_t* x, uint16_t* y, const float* __restrict c, const float* __restrict s,
+                                  int half) {
+#pragma GCC ivdep
+  for (int i = 0; i < half; ++i) {
+    const float x0 = WidenBf16(x[2 * i]);
+    const float x1 = WidenBf16(x[2 * i + 1]);
+    y[2 * i] = Bf16RoundBranchless(x0 * c[i] - x1 * s[i]);
+    y[2 * i + 1] = Bf16RoundBranchless(x1 * c[i] + x0 * s[i]);
   }
 }
 
@@ -133,9 +165,20 @@ void RotateUnit(const RopeFrequencies& freqs, const CosSinTable& table, const Pl
   for (int64_t t = t0; t < t1; ++t) {
     const std::byte* x = in_base + static_cast<size_t>(head * p.in.head_stride + t * p.in.token_stride) * in_es;
     std::byte* y = out_base + static_cast<size_t>(head * p.out.head_stride + t * p.out.token_stride) * out_es;
-    LoadRow(x, p.in.dtype, dim, a);
     const float* c = table.cos.data() + static_cast<size_t>(t) * half;
     const float* s = table.sin.data() + static_cast<size_t>(t) * half;
+    if (p.in.dtype == DType::kBF16 && p.out.dtype == DType::kBF16) {
+      const auto* xs = reinterpret_cast<const uint16_t*>(x);
+      auto* ys = reinterpret_cast<uint16_t*>(y);
+      if (freqs.style == RopeStyle::kHalfSplit) {
+        RotateHalfSplitBf16(xs, ys, c, s, half);
+      } else {
+        RotateInterleavedBf16(xs, ys, c, s, half);
+      }
+      for (int j = rot; j < dim; ++j) ys[j] = Bf16RoundBranchless(WidenBf16(xs[j]));
+      continue;
+    }
+    LoadRow(x, p.in.dtype, dim, a);
     // f32 rotates straight into the output row (a is a private copy, so no aliasing even in
     // place); narrower dtypes go through b and one rounding store.
     const bool direct = p.out.dtype == DType::kF32;
@@ -163,8 +206,8 @@ int ThreadsFor(const RopeOptions& options, size_t elements) {
   return static_cast<int>(std::min<size_t>(static_cast<size_t>(limit), by_work));
 }
 
-CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> positions, double scale,
-                       bool negate_sin, int threads) {
+CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> positions, double scale, bool negate_sin,
+                       int threads) {
   CosSinTable t;
   t.half = freqs.rotary_dim / 2;
   t.tokens = static_cast<int64_t>(positions.size());
@@ -178,6 +221,12 @@ CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> po
       const double p = static_cast<double>(positions[static_cast<size_t>(tok)]);
       float* c = t.cos.data() + static_cast<size_t>(tok) * t.half;
       float* s = t.sin.data() + static_cast<size_t>(tok) * t.half;
+      // Runs of equal positions (a segment moved as a block has one delta) reuse the row.
+      if (tok > b && positions[static_cast<size_t>(tok)] == positions[static_cast<size_t>(tok - 1)]) {
+        std::memcpy(c, c - t.half, sizeof(float) * static_cast<size_t>(t.half));
+        std::memcpy(s, s - t.half, sizeof(float) * static_cast<size_t>(t.half));
+        continue;
+      }
       for (int i = 0; i < t.half; ++i) {
         const double angle = p * static_cast<double>(freqs.inv_freq[static_cast<size_t>(i)]);
         c[i] = static_cast<float>(std::cos(angle) * scale);
@@ -194,8 +243,8 @@ void RotatePlanes(const RopeFrequencies& freqs, const CosSinTable& table, std::s
   for (size_t pi = 0; pi < planes.size(); ++pi) {
     for (int64_t h = 0; h < planes[pi].in.num_heads; ++h) {
       for (int64_t t = 0; t < table.tokens; t += kTokenBlock) {
-        units.push_back(Unit{static_cast<int32_t>(pi), static_cast<int32_t>(h), t,
-                             std::min(table.tokens, t + kTokenBlock)});
+        units.push_back(
+            Unit{static_cast<int32_t>(pi), static_cast<int32_t>(h), t, std::min(table.tokens, t + kTokenBlock)});
       }
     }
   }

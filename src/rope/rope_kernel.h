@@ -22,8 +22,8 @@ struct CosSinTable {
 int ThreadsFor(const RopeOptions& options, size_t elements);
 
 // angle = positions[t] * inv_freq[i] in double; cos/sin rounded once to float after `scale`.
-CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> positions, double scale,
-                       bool negate_sin, int threads);
+CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> positions, double scale, bool negate_sin,
+                       int threads);
 
 struct PlanePair {
   RopeTensorView in;

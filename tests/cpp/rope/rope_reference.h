@@ -53,7 +53,8 @@ inline std::vector<double> ReferenceInvFreq(const RopeSpec& s, int head_dim) {
       }
       break;
     }
-    default: break;
+    default:
+      break;
   }
   return f;
 }

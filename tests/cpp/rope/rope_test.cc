@@ -1,3 +1,5 @@
+#include "kvagent/rope.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -5,7 +7,6 @@
 #include <random>
 #include <vector>
 
-#include "kvagent/rope.h"
 #include "rope/rope_reference.h"
 
 namespace kvagent {
@@ -21,16 +22,31 @@ RopeSpec MakeSpec(RopeScaling scaling, RopeStyle style, int rotary_dim) {
   s.rotary_dim = rotary_dim;
   s.scaling = scaling;
   switch (scaling) {
-    case RopeScaling::kNone: s.theta = 10000.0; break;
-    case RopeScaling::kLinear: s.factor = 8.0; s.theta = 1e6; break;
+    case RopeScaling::kNone:
+      s.theta = 10000.0;
+      break;
+    case RopeScaling::kLinear:
+      s.factor = 8.0;
+      s.theta = 1e6;
+      break;
     case RopeScaling::kLlama3:
-      s.factor = 8.0; s.low_freq_factor = 1.0; s.high_freq_factor = 4.0; s.original_max_position = 8192;
+      s.factor = 8.0;
+      s.low_freq_factor = 1.0;
+      s.high_freq_factor = 4.0;
+      s.original_max_position = 8192;
       break;
     case RopeScaling::kYarn:
-      s.theta = 1e6; s.factor = 4.0; s.original_max_position = 32768; s.beta_fast = 32; s.beta_slow = 1;
+      s.theta = 1e6;
+      s.factor = 4.0;
+      s.original_max_position = 32768;
+      s.beta_fast = 32;
+      s.beta_slow = 1;
       break;
     case RopeScaling::kDynamicNtk:
-      s.theta = 10000.0; s.factor = 2.0; s.original_max_position = 4096; s.dynamic_max_position = 20000;
+      s.theta = 10000.0;
+      s.factor = 2.0;
+      s.original_max_position = 4096;
+      s.dynamic_max_position = 20000;
       break;
   }
   return s;
@@ -140,8 +156,8 @@ TEST(RopeApply, MatchesReferenceOverGrid) {
                       ReferenceRotate(row, f->inv_freq, style, pos[t], f->attention_factor, false);
                   const double tol = 1e-6 * RowNorm(&xin[off], dim) * f->attention_factor;
                   for (int j = 0; j < dim; ++j) {
-                    ASSERT_NEAR(y32[off + j], ref[j], tol)
-                        << RopeTypeName(sc) << " style " << int(style) << " dim " << dim << " rot " << rot << " j " << j;
+                    ASSERT_NEAR(y32[off + j], ref[j], tol) << RopeTypeName(sc) << " style " << int(style) << " dim "
+                                                           << dim << " rot " << rot << " j " << j;
                   }
                 }
               }
@@ -173,7 +189,9 @@ TEST(RopeApply, RoundTripsAndRepositionEqualsDirectRotation) {
         std::vector<float> pre = RandomValues(n, ++seed);
         std::vector<int64_t> from = RandomPositions(tokens, seed, 1'000'000);
         std::vector<int64_t> to = RandomPositions(tokens, seed + 7, 1'000'000);
-        auto view = [&](std::vector<float>& v) { return RopeTensorView::Dense(v.data(), DType::kF32, heads, tokens, dim); };
+        auto view = [&](std::vector<float>& v) {
+          return RopeTensorView::Dense(v.data(), DType::kF32, heads, tokens, dim);
+        };
         std::vector<float> post_from(n), post_to(n), moved(n), back(n), again(n);
         ASSERT_TRUE(RopeApply(s, dim, view(pre), view(post_from), from, RopeDirection::kForward).ok());
         ASSERT_TRUE(RopeApply(s, dim, view(pre), view(post_to), to, RopeDirection::kForward).ok());
@@ -342,6 +360,37 @@ TEST(RopeApply, Bf16SpecialValuesRoundLikeDtypeH) {
                         RopeTensorView::Dense(y.data(), DType::kBF16, 1, tokens, dim), pos, RopeDirection::kForward)
                   .ok());
   for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], F32ToBF16(y32[i])) << i << " " << y32[i];
+}
+
+}  // namespace
+}  // namespace kvagent
+
+namespace kvagent {
+namespace {
+
+// Repeated positions reuse a cos/sin row; results must equal token-by-token rotation.
+TEST(RopeApply, RepeatedPositionsMatchSingleTokenCalls) {
+  RopeSpec s;
+  s.scaling = RopeScaling::kYarn;
+  s.factor = 4;
+  s.original_max_position = 4096;
+  const int dim = 80, tokens = 7;
+  std::vector<float> x(static_cast<size_t>(tokens) * dim), y(x.size());
+  std::mt19937 rng(8);
+  std::normal_distribution<float> d;
+  for (float& v : x) v = d(rng);
+  const std::vector<int64_t> pos = {7, 7, 7, 9, 9, 123456, 7};
+  ASSERT_TRUE(RopeApply(s, dim, RopeTensorView::Dense(x.data(), DType::kF32, 1, tokens, dim),
+                        RopeTensorView::Dense(y.data(), DType::kF32, 1, tokens, dim), pos, RopeDirection::kForward)
+                  .ok());
+  for (int t = 0; t < tokens; ++t) {
+    std::vector<float> one(dim);
+    std::vector<int64_t> p = {pos[t]};
+    ASSERT_TRUE(RopeApply(s, dim, RopeTensorView::Dense(&x[static_cast<size_t>(t) * dim], DType::kF32, 1, 1, dim),
+                          RopeTensorView::Dense(one.data(), DType::kF32, 1, 1, dim), p, RopeDirection::kForward)
+                    .ok());
+    ASSERT_EQ(0, std::memcmp(one.data(), &y[static_cast<size_t>(t) * dim], dim * sizeof(float))) << t;
+  }
 }
 
 }  // namespace
