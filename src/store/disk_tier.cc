@@ -174,6 +174,7 @@ void DiskTierImpl::EvictLocked(const Hash128& keep) {
     victims.push_back(victim);
     ++evictions_;
   }
+  if (victims.empty()) return;
   // Tombstones make the evictions survive a reopen; if they cannot be written the records
   // come back after a reopen and are evicted again then.
   WriteTombstonesLocked(victims).IgnoreError();
