@@ -1,12 +1,89 @@
 #include "kvagent/host_tier.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <utility>
 
 namespace kvagent {
 
-HostTier::HostTier(uint64_t capacity_bytes) : capacity_(capacity_bytes) {}
+namespace {
+constexpr size_t kMinPooledBytes = 64 << 10;  // smaller blocks are cheap for malloc to recycle
+constexpr uint64_t kMaxPoolBytes = 256ull << 20;
+}  // namespace
+
+// Idle buffers by exact size, oldest first. Lent buffers are Buffer::Wrap views of a pooled
+// Buffer whose release hands it back; the pool is reached through a weak pointer, so buffers may
+// outlive the tier.
+class HostTier::BufferPool : public std::enable_shared_from_this<HostTier::BufferPool> {
+ public:
+  explicit BufferPool(uint64_t limit) : limit_(limit) {}
+
+  StatusOr<std::shared_ptr<Buffer>> Lend(size_t size) {
+    if (size < kMinPooledBytes || limit_ == 0) return Buffer::Allocate(size);
+    std::shared_ptr<Buffer> inner;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = by_size_.find(size);
+      if (it != by_size_.end()) {
+        inner = std::move(*it->second);
+        fifo_.erase(it->second);
+        by_size_.erase(it);
+        bytes_ -= size;
+      }
+    }
+    if (!inner) {
+      KVAGENT_ASSIGN_OR_RETURN(inner, Buffer::Allocate(size));
+    }
+    std::byte* data = inner->data();
+    std::weak_ptr<BufferPool> weak = weak_from_this();
+    return Buffer::Wrap(data, size, [weak, inner] {
+      if (std::shared_ptr<BufferPool> pool = weak.lock()) pool->Return(inner);
+    });
+  }
+
+  uint64_t bytes() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_;
+  }
+
+ private:
+  void Return(const std::shared_ptr<Buffer>& buffer) {
+    const size_t size = buffer->size();
+    if (size > limit_) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    while (bytes_ + size > limit_ && !fifo_.empty()) {
+      auto oldest = fifo_.begin();
+      auto range = by_size_.equal_range((*oldest)->size());
+      for (auto it = range.first; it != range.second; ++it) {
+        if (it->second == oldest) {
+          by_size_.erase(it);
+          break;
+        }
+      }
+      bytes_ -= (*oldest)->size();
+      fifo_.erase(oldest);
+    }
+    fifo_.push_back(buffer);
+    by_size_.emplace(size, std::prev(fifo_.end()));
+    bytes_ += size;
+  }
+
+  const uint64_t limit_;
+  mutable std::mutex mu_;
+  std::list<std::shared_ptr<Buffer>> fifo_;
+  std::unordered_multimap<size_t, std::list<std::shared_ptr<Buffer>>::iterator> by_size_;
+  uint64_t bytes_ = 0;
+};
+
+HostTier::HostTier(uint64_t capacity_bytes)
+    : capacity_(capacity_bytes), pool_(std::make_shared<BufferPool>(PoolLimit(capacity_bytes))) {}
+
+uint64_t HostTier::PoolLimit(uint64_t capacity_bytes) {
+  return capacity_bytes == 0 ? kMaxPoolBytes : std::min<uint64_t>(capacity_bytes / 8, kMaxPoolBytes);
+}
+
+uint64_t HostTier::pooled_bytes() const { return pool_->bytes(); }
 
 uint64_t HostTier::ChargeOf(const Segment& s) {
   const SegmentMeta& m = s.meta;
@@ -26,7 +103,8 @@ StatusOr<SegmentHandle> HostTier::OwnedCopy(const Segment& segment) {
   copy->positions = segment.positions;
   copy->meta = segment.meta;
   copy->summary = segment.summary;
-  KVAGENT_ASSIGN_OR_RETURN(copy->payload, Buffer::CopyOf(segment.payload->span()));
+  KVAGENT_ASSIGN_OR_RETURN(copy->payload, pool_->Lend(segment.PayloadBytes()));
+  std::memcpy(copy->payload->data(), segment.payload->data(), segment.PayloadBytes());
   return SegmentHandle(std::move(copy));
 }
 

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
 #include <vector>
 
 #include "store/store_test_util.h"
@@ -156,6 +157,28 @@ TEST(HostTierTest, AwkwardLayoutsRoundTripAndAccountingMatches) {
   tier.Clear();
   EXPECT_EQ(tier.Stats().bytes, 0u);
   EXPECT_EQ(tier.Stats().segments, 0u);
+}
+
+TEST(HostTierTest, LargePayloadBuffersAreRecycledWithinThePoolLimit) {
+  // 16384 tokens * 8 B = 128 KiB payloads: pooled. Capacity for 8, so the pool may keep one.
+  const uint64_t charge = HostTier::ChargeOf(*SizedSegment(0, 16384));
+  HostTier tier(charge * 8);
+  ASSERT_GE(HostTier::PoolLimit(charge * 8), 128u << 10);
+  std::set<const std::byte*> seen;
+  int reused = 0;
+  for (uint64_t id = 0; id < 64; ++id) {
+    auto stored = tier.Put(*SizedSegment(id, 16384, static_cast<int64_t>(id)));
+    ASSERT_TRUE(stored.ok());
+    if (!seen.insert(stored.value()->payload->data()).second) ++reused;
+    ASSERT_EQ(CheckSegment(*stored.value()), "");  // a recycled buffer is fully overwritten
+    ASSERT_LE(tier.pooled_bytes(), HostTier::PoolLimit(charge * 8));
+  }
+  EXPECT_GT(reused, 40);
+  for (const SegmentHandle& h : tier.Snapshot()) EXPECT_EQ(CheckSegment(*h), "");
+  // Buffers outlive the tier (their pool is reached through a weak pointer).
+  SegmentHandle survivor = tier.Get(TestKey(63));
+  { HostTier gone(0); ASSERT_TRUE(gone.Put(*SizedSegment(1, 16384)).ok()); }
+  EXPECT_EQ(CheckSegment(*survivor), "");
 }
 
 }  // namespace
