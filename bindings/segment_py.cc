@@ -2,6 +2,8 @@
 #include "segment_py.h"
 
 #include <nanobind/ndarray.h>
+
+#include "kvagent/codec.h"
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -309,6 +311,8 @@ nb::dict InfoDict(const SegmentInfo& i) {
   d["meta"] = MetaDict(i.meta);
   d["payload_bytes"] = i.payload_bytes;
   d["stored_bytes"] = i.stored_bytes;
+  d["codec"] = std::string(CodecName(static_cast<CodecKind>(i.codec)));
+  d["summary_bytes"] = i.summary.size();
   return d;
 }
 
@@ -344,6 +348,10 @@ void RegisterSegment(nb::module_& m) {
       .def_ro("meta", &SegmentInfo::meta)
       .def_ro("payload_bytes", &SegmentInfo::payload_bytes, "Canonical (decoded) payload bytes.")
       .def_ro("stored_bytes", &SegmentInfo::stored_bytes, "Bytes in the tier holding it (after the codec).")
+      .def_prop_ro("codec", [](const SegmentInfo& i) { return std::string(CodecName(static_cast<CodecKind>(i.codec))); },
+                   "Codec of the tier holding it: 'raw' or 'int8'.")
+      .def_prop_ro("summary", [](const SegmentInfo& i) { return nb::bytes(i.summary.data(), i.summary.size()); },
+                   "Compressed keys (kv_agent.index.summarize bytes), empty if none.")
       .def("to_dict", &InfoDict, "Plain dict; hashes as hex strings, dtype as its name.")
       .def("keys", [](const SegmentInfo& i) { return InfoDict(i).attr("keys")(); })
       .def("__getitem__",

@@ -138,6 +138,9 @@ struct SegmentInfo {
   SegmentMeta meta;
   uint64_t payload_bytes = 0;  // canonical (decoded) bytes
   uint64_t stored_bytes = 0;   // bytes in the tier holding it (after the codec)
+  uint8_t codec = 0;           // CodecKind of the tier holding it (kvagent/codec.h; 0 = raw)
+  std::string summary;         // compressed keys (as Segment::summary), so an index can be
+                               // rebuilt from metadata alone, without reading payloads
 };
 
 SegmentInfo InfoOf(const Segment& s);

@@ -141,14 +141,8 @@ class AgentMemory:
             self.spec = spec
             self.index = LatentIndex(spec, self.index_options or IndexOptions())
             for info in self.store.list(model=spec.fingerprint):
-                summary = getattr(info, "summary", None)
-                seg = None
-                if not summary:
-                    seg = self.store.get(info.key, spec.fingerprint)
-                    summary = seg.summary
-                if not summary:
-                    continue
-                self._index_add(info.key, summary, info.meta, info.layout.num_tokens)
+                if info.summary:  # segments stored without compressed keys are not retrievable
+                    self._index_add(info.key, info.summary, info.meta, info.layout.num_tokens)
 
     def _index_add(self, key, summary: bytes, meta, num_tokens: int, pinned: bool = False) -> None:
         self.index.add(key, summary, ns=meta.ns, agent=meta.agent, session=meta.session, turn=meta.turn,

@@ -93,6 +93,7 @@ SegmentInfo InfoOf(const Segment& s) {
   i.meta = s.meta;
   i.payload_bytes = s.layout.NumBytes();
   i.stored_bytes = s.layout.NumBytes();
+  i.summary = s.summary;
   return i;
 }
 

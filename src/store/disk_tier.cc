@@ -221,6 +221,7 @@ Status DiskTierImpl::Put(const Segment& segment) {
                                   " bytes exceeds the disk tier capacity of " + std::to_string(opts_.capacity_bytes));
   SegmentInfo info = InfoOf(segment);
   info.stored_bytes = record_len;
+  info.codec = static_cast<uint8_t>(codec);
 
   std::lock_guard<std::mutex> l(mu_);
   RecordLocation loc;

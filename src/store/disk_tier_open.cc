@@ -194,6 +194,7 @@ void DiskTierImpl::ApplyScanned(const RecordHeader& h, uint64_t file_no, uint64_
   }
   SegmentInfo info = InfoOf(*meta);
   info.stored_bytes = h.record_len;
+  info.codec = static_cast<uint8_t>(h.codec);
   InsertLocked(h.key, loc, info);
 }
 

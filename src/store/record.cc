@@ -223,6 +223,8 @@ std::string EncodeInfo(const SegmentInfo& info) {
   PutMeta(&out, info.meta);
   PutU64(&out, info.payload_bytes);
   PutU64(&out, info.stored_bytes);
+  PutU8(&out, info.codec);
+  PutBytes(&out, info.summary);
   return out;
 }
 
@@ -244,6 +246,9 @@ Status DecodeInfo(std::string_view in, SegmentInfo* info) {
   KVAGENT_RETURN_IF_ERROR(GetMeta(&r, &info->meta));
   KVAGENT_RETURN_IF_ERROR(r.U64(&info->payload_bytes));
   KVAGENT_RETURN_IF_ERROR(r.U64(&info->stored_bytes));
+  KVAGENT_RETURN_IF_ERROR(r.U8(&info->codec));
+  if (info->codec > 1) return DataLossError("catalog: bad codec");
+  KVAGENT_RETURN_IF_ERROR(r.String(&info->summary));
   if (r.remaining() != 0) return DataLossError("catalog: trailing bytes in segment info");
   return Status::Ok();
 }

@@ -261,30 +261,6 @@ def _resolve(store, key: str):
     return hits[0]
 
 
-def _codec(path: str, info) -> str:
-    """The codec of the disk record of `info`.
-
-    SegmentInfo does not carry the codec yet, so this reads it from the disk tier's catalog
-    (read-only). Stopgap until SegmentInfo gains a codec field; "unknown" if that fails."""
-    import sqlite3
-    import struct
-
-    blob = struct.pack("<QQ", info.key.lo, info.key.hi)
-    uri = "file:" + os.path.join(os.path.abspath(path), "catalog.sqlite") + "?mode=ro"
-    try:
-        con = sqlite3.connect(uri, uri=True, timeout=5)
-        try:
-            row = con.execute("SELECT codec, payload_len FROM records WHERE key = ?", (blob,)).fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return "unknown"
-    if row is None:
-        return "unknown (not on disk)"
-    name = {0: "raw", 1: "int8"}.get(row[0], f"code {row[0]}")
-    return f"{name} ({row[1]} encoded payload bytes)"
-
-
 def cmd_show(args) -> int:
     from kv_agent.errors import DataLossError
 
@@ -301,7 +277,7 @@ def cmd_show(args) -> int:
             check = f"CORRUPT: {e}"
     d = info.to_dict()
     d.update(
-        codec=_codec(args.path, info),
+        codec=info.codec,
         checksums=check,
         positions_range=positions,
         first_tokens=tokens,
