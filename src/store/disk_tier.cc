@@ -63,7 +63,8 @@ Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
   // Reuse the newest file if it has room (after a reopen), else start a new one.
   if (!files_.empty()) {
     auto& [no, fi] = *files_.rbegin();
-    if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size % kAlign == 0 && fi.size + record_len <= opts_.max_file_bytes) {
+    if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size % kAlign == 0 &&
+        fi.size + record_len <= opts_.max_file_bytes) {
       KVAGENT_ASSIGN_OR_RETURN(active_, env_->NewAppendableFile(fi.path));
       if (active_->Size() != fi.size) {
         // Someone else changed the file; never append behind unknown bytes.
@@ -287,7 +288,8 @@ Status DiskTierImpl::ReadMeta(const ReadTicket& t, Segment* seg) const {
       !(h.layout == t.info.layout))
     return DataLossError("record header disagrees with the catalog");
   std::string_view meta(buf.data() + kHeaderSize, h.meta_len);
-  if (Checksum64(std::as_bytes(std::span<const char>(meta.data(), meta.size()))) != h.meta_checksum) return DataLossError("record metadata checksum mismatch");
+  if (Checksum64(std::as_bytes(std::span<const char>(meta.data(), meta.size()))) != h.meta_checksum)
+    return DataLossError("record metadata checksum mismatch");
   seg->key = h.key;
   seg->model = h.model;
   seg->layout = h.layout;

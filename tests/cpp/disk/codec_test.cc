@@ -1,12 +1,12 @@
 // Codec: raw is bit-exact; int8 reconstructs every element within scale/2 (plus the rounding
 // of the segment dtype) on random data over a grid of dtypes and awkward shapes; sizes.
+#include "kvagent/codec.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <random>
 #include <vector>
-
-#include "kvagent/codec.h"
 
 namespace kvagent {
 namespace {
@@ -79,7 +79,8 @@ TEST(CodecTest, GridRawExactInt8Bounded) {
             for (int d = 0; d < dim; ++d) {
               double amax = 0;
               for (int t = 0; t < tok; ++t)
-                amax = std::max<double>(amax, std::fabs(LoadAsF32(raw.data(), dt, p * l.PlaneElements() + t * dim + d)));
+                amax =
+                    std::max<double>(amax, std::fabs(LoadAsF32(raw.data(), dt, p * l.PlaneElements() + t * dim + d)));
               const double scale = amax / 127.0;
               for (int t = 0; t < tok; ++t) {
                 size_t i = p * l.PlaneElements() + static_cast<size_t>(t) * dim + d;

@@ -8,8 +8,8 @@
 #include <unistd.h>
 
 #include <map>
-#include <set>
 #include <random>
+#include <set>
 
 #include "disk/disk_test_util.h"
 #include "kvagent/disk_tier.h"

@@ -197,11 +197,20 @@ TEST_P(FaultTest, RandomFaultScheduleThenPowerLoss) {
   for (int step = 0; step < steps; ++step) {
     SCOPED_TRACE(step);
     switch (rng() % 6) {
-      case 0: fenv_->FailNextWrites(1); break;
-      case 1: fenv_->ShortNextWrite(rng() % 2000); break;
-      case 2: fenv_->FailNextSyncs(1); break;
-      case 3: fenv_->SetDiskBudget(rng() % 3000); break;
-      default: break;
+      case 0:
+        fenv_->FailNextWrites(1);
+        break;
+      case 1:
+        fenv_->ShortNextWrite(rng() % 2000);
+        break;
+      case 2:
+        fenv_->FailNextSyncs(1);
+        break;
+      case 3:
+        fenv_->SetDiskBudget(rng() % 3000);
+        break;
+      default:
+        break;
     }
     const uint64_t k = 1 + rng() % 40;
     if (rng() % 4 == 0) {

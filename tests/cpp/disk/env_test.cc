@@ -1,11 +1,12 @@
 // MemEnv semantics (matching POSIX where the store relies on them) and FaultInjectionEnv's
 // faults and crash simulation.
+#include "kvagent/env.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 
 #include "disk/disk_test_util.h"
-#include "kvagent/env.h"
 #include "kvagent/fault_injection_env.h"
 
 namespace kvagent {
