@@ -1,24 +1,45 @@
 // DiskTier: durable segment storage in append-only files with a SQLite catalog.
+// The byte format and the crash-recovery argument are in docs/storage-format.md.
 //
 // Files: <dir>/segments-<000001>.kvs, records appended back to back. Each record: a fixed
 // header (magic, format version, header length, key, model fingerprint, codec, layout, lengths
 // of metadata and payload, checksums of header, metadata and payload), the serialised
 // metadata (tokens, positions, SegmentMeta, summary), then the encoded payload, 64-byte
-// aligned so payload reads can go straight into a caller's buffer.
-// Catalog: <dir>/catalog.sqlite (WAL) maps key -> (file, offset, lengths, metadata columns).
+// aligned so payload reads can go straight into a caller's buffer. Delete, eviction and
+// quarantine append a 128-byte tombstone record.
+// Catalog: <dir>/catalog.sqlite (WAL) maps key -> (file, offset, lengths, metadata columns)
+// when env->IsPosix(); other Envs get an in-memory catalog rebuilt by scanning at Open.
 // The segment files are the source of truth: on Open, records past the catalog's known end
-// of each file are scanned and re-indexed; torn or corrupt tails are reported and cut.
+// of each file are scanned and re-indexed; torn tails are reported and cut, corrupt records
+// skipped and counted (TierStats::corrupt_records, Recovery()).
 //
-// Durability: with options.sync, Put returns only after the record is fdatasync'ed; after a
-// crash (kill -9) at any point, Open serves every record whose Put returned OK and never a
-// torn or corrupt one (checksums are verified on every read; a bad record is DataLoss and is
-// skipped by scans).
+// Durability: with options.sync, Put and Delete return only after their record is
+// fdatasync'ed; after a crash (kill -9 or power loss) at any point, Open serves every record
+// whose Put returned OK, keeps every acknowledged Delete, and never serves a torn or corrupt
+// record. Without options.sync, records are durable after Sync() (or when their file rolls
+// over); a clean close does not sync.
+// Failed writes: when an append or sync fails (I/O error, short write, ENOSPC), the file is
+// cut back and Put/Delete return the error with the tier unchanged.
 //
-// Capacity: when live bytes exceed capacity_bytes, the least recently read/written records
-// are evicted (removed from the catalog; space reclaimed by Compact, which also runs
-// automatically when dead space passes compact_dead_ratio).
+// Keys: Put with an existing key replaces it (last writer wins; the old record becomes dead
+// space). Segments are returned as fresh immutable copies; the tier keeps no handles.
 //
-// Thread-safety: all methods may be called concurrently.
+// Reads: Get/ReadPayload check the model fingerprint first (FailedPrecondition, nothing
+// read), then verify header, metadata and payload checksums on every read. A checksum failure
+// is DataLoss; the record is quarantined (removed, counted in corrupt_records) so later calls
+// see NotFound.
+//
+// Capacity: stored bytes are whole records (header + metadata + encoded payload + padding).
+// When live bytes exceed capacity_bytes after a Put, the least recently used records (Put or
+// successful Get/ReadPayload; never the one just written) are evicted: removed from the index
+// and catalog and tombstoned. Space in the files is reclaimed by Compact, which also runs
+// automatically inside Put/Delete when dead bytes exceed both compact_dead_ratio of the file
+// bytes and compact_min_dead_bytes. Recency is in memory only: after a reopen it is write order.
+//
+// Thread-safety: all methods may be called concurrently. Writers (Put, Delete, Compact,
+// Sync) are serialised by one mutex, which also guards the index; Get/ReadPayload/Verify hold
+// it only to look up a location and do their file reads without it, so reads proceed in
+// parallel with each other and with writes.
 #pragma once
 
 #include <cstdint>
@@ -63,25 +84,39 @@ class DiskTier {
   virtual ~DiskTier() = default;
 
   // Opens or creates the tier; recovers from a crash (see above). FailedPrecondition if
-  // another process holds the directory's lock.
+  // another process (or another open DiskTier in this process) holds the directory's lock;
+  // InvalidArgument for bad options (empty dir, max_file_bytes < 256, ratio outside (0, 1]).
   static StatusOr<std::unique_ptr<DiskTier>> Open(const DiskTierOptions& options);
 
-  // Appends `segment` (validated) and records it in the catalog. Replaces an existing key.
-  // ResourceExhausted on a full disk or a segment larger than capacity; the tier is unchanged.
+  // Appends `segment` and records it in the catalog. Replaces an existing key. InvalidArgument
+  // if Segment::Validate fails (or, with the int8 codec, the payload holds NaN/Inf): nothing is
+  // written. ResourceExhausted on a full disk or a record larger than capacity_bytes; other I/O
+  // errors as returned by the Env. On any error the tier is unchanged. May evict (see above)
+  // and may run an automatic compaction before returning.
   virtual Status Put(const Segment& segment) = 0;
   // Reads and verifies the record; FailedPrecondition if it was produced by another model.
   virtual StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) = 0;
-  // Reads the decoded payload straight into `dst` (dst.size() == payload bytes); with the raw
-  // codec there is no intermediate copy.
+  // Reads the decoded payload straight into `dst` (dst.size() == payload bytes, else
+  // InvalidArgument); with the raw codec there is no intermediate copy. Checks the payload
+  // checksum but not the metadata (use Get for the full record).
   virtual Status ReadPayload(const Hash128& key, const Hash128& model, std::span<std::byte> dst) = 0;
+  // Metadata and sizes from the index (no file read). NotFound if absent.
   virtual StatusOr<SegmentInfo> Info(const Hash128& key) = 0;
   virtual bool Contains(const Hash128& key) = 0;
+  // Appends a tombstone (synced with options.sync) and drops the key. NotFound if absent.
   virtual Status Delete(const Hash128& key) = 0;
+  // Segments matching `filter`, in write order (oldest first).
   virtual std::vector<SegmentInfo> List(const SegmentFilter& filter) = 0;
 
+  // Makes every record appended so far durable (for options.sync == false).
   virtual Status Sync() = 0;
   virtual TierStats Stats() = 0;
+  // Reads every live record and checks all checksums; progress in record bytes. Corrupt
+  // records are reported (one line each) and quarantined as Get does.
   virtual StatusOr<VerifyReport> Verify(ProgressFn progress) = 0;
+  // Rewrites the live records into new files and removes the old ones (crash-safe; see
+  // docs/storage-format.md); progress in live bytes. On error the old files stay in use.
+  // Blocks writers for its duration; readers holding a location keep reading the old file.
   virtual StatusOr<CompactReport> Compact(ProgressFn progress) = 0;
 
   // What the last Open recovered (see RecoveryReport).

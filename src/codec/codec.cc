@@ -23,8 +23,10 @@ Status CheckLayout(const SegmentLayout& l) {
 
 std::string_view CodecName(CodecKind c) {
   switch (c) {
-    case CodecKind::kRaw: return "raw";
-    case CodecKind::kInt8: return "int8";
+    case CodecKind::kRaw:
+      return "raw";
+    case CodecKind::kInt8:
+      return "int8";
   }
   return "unknown";
 }
@@ -37,8 +39,10 @@ StatusOr<CodecKind> CodecFromName(std::string_view name) {
 
 size_t EncodedSize(const SegmentLayout& layout, CodecKind c) {
   switch (c) {
-    case CodecKind::kRaw: return layout.NumBytes();
-    case CodecKind::kInt8: return NumScales(layout) * sizeof(float) + layout.NumElements();
+    case CodecKind::kRaw:
+      return layout.NumBytes();
+    case CodecKind::kInt8:
+      return NumScales(layout) * sizeof(float) + layout.NumElements();
   }
   return 0;
 }

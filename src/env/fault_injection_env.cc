@@ -25,8 +25,10 @@ class FaultWritableFile final : public WritableFile {
     auto fault = env_->TakeWriteFault(data.size(), &allowed);
     if (allowed > 0) KVAGENT_RETURN_IF_ERROR(base_->Append(data.first(allowed)));
     switch (fault) {
-      case FaultInjectionEnv::WriteFault::kNone: return Status::Ok();
-      case FaultInjectionEnv::WriteFault::kFail: return InternalError("write " + path_ + ": injected write error");
+      case FaultInjectionEnv::WriteFault::kNone:
+        return Status::Ok();
+      case FaultInjectionEnv::WriteFault::kFail:
+        return InternalError("write " + path_ + ": injected write error");
       case FaultInjectionEnv::WriteFault::kShort:
         return InternalError("write " + path_ + ": injected short write (" + std::to_string(allowed) + " of " +
                              std::to_string(data.size()) + " bytes)");

@@ -60,13 +60,14 @@ StatusOr<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
   }
   Status s = c->Exec(kSchema);
   if (!s.ok()) return DataLossError("catalog " + path + " is unusable: " + s.message());
-  KVAGENT_RETURN_IF_ERROR(c->Prepare(
-      "INSERT OR REPLACE INTO records(key, file_no, offset, record_len, payload_offset, payload_len, "
-      "payload_checksum, codec, model, ns, agent, session, turn, time_us, info) "
-      "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-      &c->upsert_));
+  KVAGENT_RETURN_IF_ERROR(
+      c->Prepare("INSERT OR REPLACE INTO records(key, file_no, offset, record_len, payload_offset, payload_len, "
+                 "payload_checksum, codec, model, ns, agent, session, turn, time_us, info) "
+                 "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                 &c->upsert_));
   KVAGENT_RETURN_IF_ERROR(c->Prepare("DELETE FROM records WHERE key = ?1", &c->remove_));
-  KVAGENT_RETURN_IF_ERROR(c->Prepare("INSERT OR REPLACE INTO files(file_no, scanned_end) VALUES(?1, ?2)", &c->set_end_));
+  KVAGENT_RETURN_IF_ERROR(
+      c->Prepare("INSERT OR REPLACE INTO files(file_no, scanned_end) VALUES(?1, ?2)", &c->set_end_));
   return c;
 }
 
@@ -102,13 +103,14 @@ Status Catalog::Load(std::vector<CatalogEntry>* entries, std::map<uint64_t, uint
   KVAGENT_RETURN_IF_ERROR(Prepare("SELECT file_no, scanned_end FROM files", &st));
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-    (*file_ends)[static_cast<uint64_t>(sqlite3_column_int64(st, 0))] = static_cast<uint64_t>(sqlite3_column_int64(st, 1));
+    (*file_ends)[static_cast<uint64_t>(sqlite3_column_int64(st, 0))] =
+        static_cast<uint64_t>(sqlite3_column_int64(st, 1));
   sqlite3_finalize(st);
   if (rc != SQLITE_DONE) return Error("load files");
-  KVAGENT_RETURN_IF_ERROR(Prepare(
-      "SELECT file_no, offset, record_len, payload_offset, payload_len, payload_checksum, codec, info "
-      "FROM records ORDER BY file_no, offset",
-      &st));
+  KVAGENT_RETURN_IF_ERROR(
+      Prepare("SELECT file_no, offset, record_len, payload_offset, payload_len, payload_checksum, codec, info "
+              "FROM records ORDER BY file_no, offset",
+              &st));
   Status bad;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     CatalogEntry e;

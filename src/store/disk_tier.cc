@@ -35,6 +35,7 @@ DiskTierImpl::DiskTierImpl(const DiskTierOptions& options)
 DiskTierImpl::~DiskTierImpl() {
   std::lock_guard<std::mutex> l(mu_);
   if (active_) {
+    // Without options.sync, durability is the caller's Sync(); closing does not imply it.
     if (opts_.sync) active_->Sync().IgnoreError();
     active_->Close().IgnoreError();
   }
@@ -50,7 +51,9 @@ std::string DiskTierImpl::FilePath(uint64_t file_no) const {
 
 Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
   if (active_ && active_->Size() > 0 && active_->Size() + record_len > opts_.max_file_bytes) {
-    Status s = opts_.sync ? active_->Sync() : Status::Ok();
+    // Synced even without options.sync: Sync() only reaches the active file, so a file must be
+    // durable before it stops being the active one.
+    Status s = active_->Sync();
     active_->Close().IgnoreError();
     active_.reset();
     active_no_ = 0;
@@ -60,7 +63,8 @@ Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
   // Reuse the newest file if it has room (after a reopen), else start a new one.
   if (!files_.empty()) {
     auto& [no, fi] = *files_.rbegin();
-    if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size % kAlign == 0 && fi.size + record_len <= opts_.max_file_bytes) {
+    if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size % kAlign == 0 &&
+        fi.size + record_len <= opts_.max_file_bytes) {
       KVAGENT_ASSIGN_OR_RETURN(active_, env_->NewAppendableFile(fi.path));
       if (active_->Size() != fi.size) {
         // Someone else changed the file; never append behind unknown bytes.
@@ -171,6 +175,7 @@ void DiskTierImpl::EvictLocked(const Hash128& keep) {
     victims.push_back(victim);
     ++evictions_;
   }
+  if (victims.empty()) return;
   // Tombstones make the evictions survive a reopen; if they cannot be written the records
   // come back after a reopen and are evicted again then.
   WriteTombstonesLocked(victims).IgnoreError();
@@ -282,7 +287,8 @@ Status DiskTierImpl::ReadMeta(const ReadTicket& t, Segment* seg) const {
       !(h.layout == t.info.layout))
     return DataLossError("record header disagrees with the catalog");
   std::string_view meta(buf.data() + kHeaderSize, h.meta_len);
-  if (Checksum64(std::as_bytes(std::span<const char>(meta.data(), meta.size()))) != h.meta_checksum) return DataLossError("record metadata checksum mismatch");
+  if (Checksum64(std::as_bytes(std::span<const char>(meta.data(), meta.size()))) != h.meta_checksum)
+    return DataLossError("record metadata checksum mismatch");
   seg->key = h.key;
   seg->model = h.model;
   seg->layout = h.layout;

@@ -23,7 +23,7 @@ StatusOr<CompactReport> DiskTierImpl::CompactLocked(const ProgressFn& progress) 
   r.files_before = files_.size();
   r.bytes_before = file_bytes_;
   if (active_) {
-    Status s = opts_.sync ? active_->Sync() : Status::Ok();
+    Status s = active_->Sync();
     active_->Close().IgnoreError();
     active_.reset();
     active_no_ = 0;
@@ -64,8 +64,8 @@ StatusOr<CompactReport> DiskTierImpl::CompactLocked(const ProgressFn& progress) 
       v = DataLossError("record header disagrees with the catalog");
     if (v.ok() && Checksum64(std::span<const std::byte>(rec.data() + kHeaderSize, h.meta_len)) != h.meta_checksum)
       v = DataLossError("metadata checksum mismatch");
-    if (v.ok() && Checksum64(std::span<const std::byte>(rec.data() + h.payload_offset, h.payload_len)) !=
-                      h.payload_checksum)
+    if (v.ok() &&
+        Checksum64(std::span<const std::byte>(rec.data() + h.payload_offset, h.payload_len)) != h.payload_checksum)
       v = DataLossError("payload checksum mismatch");
     if (!v.ok()) {
       dropped.push_back(key);

@@ -254,7 +254,8 @@ Status DiskTierImpl::ScanFile(uint64_t file_no, uint64_t start) {
       } else if (Checksum64(p) != h.payload_checksum) {
         rs = DataLossError("payload checksum mismatch");
       } else {
-        rs = DecodeMeta(std::string_view(reinterpret_cast<const char*>(m.data()), m.size()), h.layout.num_tokens, &meta);
+        rs =
+            DecodeMeta(std::string_view(reinterpret_cast<const char*>(m.data()), m.size()), h.layout.num_tokens, &meta);
       }
       meta.key = h.key;
       meta.model = h.model;

@@ -132,7 +132,8 @@ Status DecodeHeader(std::span<const std::byte> in, RecordHeader* h) {
   uint64_t elements = BoundedElements(h->layout);
   if (elements == 0) return DataLossError("record layout out of range");
   if (h->payload_offset != AlignUp(kHeaderSize + h->meta_len)) return DataLossError("bad record payload offset");
-  if (h->payload_len != EncodedSize(h->layout, h->codec)) return DataLossError("record payload length disagrees with layout");
+  if (h->payload_len != EncodedSize(h->layout, h->codec))
+    return DataLossError("record payload length disagrees with layout");
   if (h->record_len != AlignUp(h->payload_offset + h->payload_len)) return DataLossError("bad record length");
   return Status::Ok();
 }

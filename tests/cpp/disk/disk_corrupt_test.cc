@@ -183,9 +183,12 @@ TEST_P(CorruptTest, GarbageAppendedAfterLastRecord) {
 INSTANTIATE_TEST_SUITE_P(Envs, CorruptTest, ::testing::Values(Where::kMemEnv, Where::kPosix, Where::kPosixNoCatalog),
                          [](const auto& info) {
                            switch (info.param) {
-                             case Where::kMemEnv: return "MemEnv";
-                             case Where::kPosix: return "Posix";
-                             default: return "PosixNoCatalog";
+                             case Where::kMemEnv:
+                               return "MemEnv";
+                             case Where::kPosix:
+                               return "Posix";
+                             default:
+                               return "PosixNoCatalog";
                            }
                          });
 

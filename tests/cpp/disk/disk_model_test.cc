@@ -84,8 +84,8 @@ class Model {
 
 void RunModel(Env* env, const std::string& dir, uint64_t seed, int steps, bool sync) {
   std::mt19937_64 rng(seed);
-  const SegmentLayout layouts[] = {{1, 1, 4, 1, DType::kF32}, {2, 1, 8, 3, DType::kF16}, {1, 2, 16, 5, DType::kBF16},
-                                   {3, 1, 8, 7, DType::kF32}};
+  const SegmentLayout layouts[] = {
+      {1, 1, 4, 1, DType::kF32}, {2, 1, 8, 3, DType::kF16}, {1, 2, 16, 5, DType::kBF16}, {3, 1, 8, 7, DType::kF32}};
   DiskTierOptions o;
   o.dir = dir;
   o.env = env;

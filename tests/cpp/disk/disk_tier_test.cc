@@ -1,9 +1,10 @@
 // DiskTier behaviour on both Envs: round trips, replace, delete, fingerprint checks, invalid
 // input, locking, capacity eviction, compaction, verify, list filters, int8 codec.
+#include "kvagent/disk_tier.h"
+
 #include <gtest/gtest.h>
 
 #include "disk/disk_test_util.h"
-#include "kvagent/disk_tier.h"
 
 namespace kvagent {
 namespace {
@@ -47,8 +48,8 @@ class DiskTierTest : public ::testing::TestWithParam<bool> {
 
 TEST_P(DiskTierTest, PutGetReopenBitExact) {
   std::vector<Segment> segs;
-  const SegmentLayout layouts[] = {{1, 1, 1, 1, DType::kF32}, {2, 3, 64, 7, DType::kBF16}, {3, 2, 80, 33, DType::kF16},
-                                   {1, 1, 128, 1, DType::kF32}};
+  const SegmentLayout layouts[] = {
+      {1, 1, 1, 1, DType::kF32}, {2, 3, 64, 7, DType::kBF16}, {3, 2, 80, 33, DType::kF16}, {1, 1, 128, 1, DType::kF32}};
   {
     auto t = OpenOrDie(Options());
     ASSERT_TRUE(t);
@@ -243,8 +244,8 @@ TEST_P(DiskTierTest, AutoCompactionBoundsDeadSpace) {
 
 TEST_P(DiskTierTest, ListFiltersByMetadata) {
   auto t = OpenOrDie(Options());
-  for (uint64_t k = 1; k <= 15; ++k) ASSERT_TRUE(t->Put(MakeSegment(k, k, {1, 1, 4, 2, DType::kF32},
-                                                                        TestModel(k % 2))).ok());
+  for (uint64_t k = 1; k <= 15; ++k)
+    ASSERT_TRUE(t->Put(MakeSegment(k, k, {1, 1, 4, 2, DType::kF32}, TestModel(k % 2))).ok());
   EXPECT_EQ(t->List({}).size(), 15u);
   SegmentFilter f;
   f.ns = "ns1";
@@ -286,7 +287,8 @@ TEST_P(DiskTierTest, Int8CodecRoundTripWithinBound) {
     for (int d = 0; d < l.head_dim; ++d) {
       float amax = 0;
       for (int tk = 0; tk < l.num_tokens; ++tk)
-        amax = std::max(amax, std::fabs(LoadAsF32(s.payload->data(), l.dtype, p * l.PlaneElements() + tk * l.head_dim + d)));
+        amax = std::max(amax,
+                        std::fabs(LoadAsF32(s.payload->data(), l.dtype, p * l.PlaneElements() + tk * l.head_dim + d)));
       for (int tk = 0; tk < l.num_tokens; ++tk) {
         size_t i = p * l.PlaneElements() + tk * l.head_dim + d;
         float a = LoadAsF32(s.payload->data(), l.dtype, i), b = LoadAsF32((*got)->payload->data(), l.dtype, i);

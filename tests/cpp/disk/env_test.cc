@@ -1,0 +1,186 @@
+// MemEnv semantics (matching POSIX where the store relies on them) and FaultInjectionEnv's
+// faults and crash simulation.
+#include "kvagent/env.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "disk/disk_test_util.h"
+#include "kvagent/fault_injection_env.h"
+
+namespace kvagent {
+namespace {
+
+std::span<const std::byte> B(std::string_view s) { return std::as_bytes(std::span<const char>(s.data(), s.size())); }
+
+std::string ReadAll(Env* env, const std::string& path) {
+  auto s = ReadFileToString(env, path);
+  EXPECT_TRUE(s.ok()) << s.status().ToString();
+  return s.ok() ? *s : "";
+}
+
+// The same checks run against MemEnv and the POSIX Env.
+class EnvTest : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (GetParam()) {
+      env_ = Env::Default();
+      root_ = tmp_.path();
+    } else {
+      mem_ = NewMemEnv();
+      env_ = mem_.get();
+      root_ = "/root";
+      ASSERT_TRUE(env_->CreateDirs(root_).ok());
+    }
+  }
+  testing::TempDir tmp_;
+  std::unique_ptr<Env> mem_;
+  Env* env_;
+  std::string root_;
+};
+
+TEST_P(EnvTest, FilesDirsRenameTruncate) {
+  const std::string d = root_ + "/a/b";
+  ASSERT_TRUE(env_->CreateDirs(d).ok());
+  ASSERT_TRUE(env_->CreateDirs(d).ok());
+  EXPECT_EQ(env_->NewWritableFile(root_ + "/missing/x").status().code(), StatusCode::kNotFound);
+  {
+    auto f = env_->NewWritableFile(d + "/f");
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE((*f)->Append(B("hello ")).ok());
+    ASSERT_TRUE((*f)->Append(B("world")).ok());
+    EXPECT_EQ((*f)->Size(), 11u);
+    ASSERT_TRUE((*f)->Sync().ok());
+    ASSERT_TRUE((*f)->Close().ok());
+  }
+  EXPECT_EQ(ReadAll(env_, d + "/f"), "hello world");
+  {
+    auto f = env_->NewAppendableFile(d + "/f");
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ((*f)->Size(), 11u);
+    ASSERT_TRUE((*f)->Append(B("!")).ok());
+  }
+  EXPECT_EQ(*env_->GetFileSize(d + "/f"), 12u);
+  auto r = env_->NewRandomAccessFile(d + "/f");
+  ASSERT_TRUE(r.ok());
+  std::string buf(5, '\0');
+  size_t n = 0;
+  ASSERT_TRUE((*r)->Read(6, std::as_writable_bytes(std::span<char>(buf.data(), 5)), &n).ok());
+  EXPECT_EQ(n, 5u);
+  EXPECT_EQ(buf, "world");
+  ASSERT_TRUE((*r)->Read(10, std::as_writable_bytes(std::span<char>(buf.data(), 5)), &n).ok());
+  EXPECT_EQ(n, 2u);  // short only at end of file
+  ASSERT_TRUE(env_->TruncateFile(d + "/f", 5).ok());
+  EXPECT_EQ(ReadAll(env_, d + "/f"), "hello");
+  EXPECT_EQ(*(*r)->Size(), 5u);  // an open reader sees the truncation
+  ASSERT_TRUE(WriteStringToFile(env_, "other", d + "/g", true).ok());
+  ASSERT_TRUE(env_->RenameFile(d + "/g", d + "/f").ok());
+  EXPECT_EQ(ReadAll(env_, d + "/f"), "other");
+  EXPECT_FALSE(env_->FileExists(d + "/g"));
+  auto kids = env_->GetChildren(d);
+  ASSERT_TRUE(kids.ok());
+  EXPECT_EQ(*kids, std::vector<std::string>{"f"});
+  auto top = env_->GetChildren(root_ + "/a");
+  ASSERT_TRUE(top.ok());
+  EXPECT_EQ(*top, std::vector<std::string>{"b"});
+  ASSERT_TRUE(env_->RemoveFile(d + "/f").ok());
+  EXPECT_EQ(env_->RemoveFile(d + "/f").code(), StatusCode::kNotFound);
+  EXPECT_EQ(env_->GetFileSize(d + "/f").status().code(), StatusCode::kNotFound);
+  EXPECT_TRUE(env_->SyncDir(d).ok());
+  EXPECT_TRUE(env_->FreeSpace(d).ok());
+}
+
+TEST_P(EnvTest, LockIsExclusiveUntilReleased) {
+  auto l1 = env_->LockFile(root_ + "/LOCK");
+  ASSERT_TRUE(l1.ok());
+  EXPECT_EQ(env_->LockFile(root_ + "/LOCK").status().code(), StatusCode::kFailedPrecondition);
+  l1->reset();
+  EXPECT_TRUE(env_->LockFile(root_ + "/LOCK").ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Envs, EnvTest, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "Posix" : "MemEnv"; });
+
+TEST(MemEnvTest, CapacityLimitsAppendsAndFreeSpace) {
+  auto env = NewMemEnv(MemEnvOptions{100});
+  ASSERT_TRUE(env->CreateDirs("/d").ok());
+  EXPECT_EQ(*env->FreeSpace("/d"), 100u);
+  auto f = env->NewWritableFile("/d/f");
+  ASSERT_TRUE(f.ok());
+  ASSERT_TRUE((*f)->Append(B(std::string(60, 'a'))).ok());
+  EXPECT_EQ(*env->FreeSpace("/d"), 40u);
+  EXPECT_EQ((*f)->Append(B(std::string(60, 'b'))).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ((*f)->Size(), 100u);  // what fit was appended, like a short write on ENOSPC
+  EXPECT_EQ(*env->FreeSpace("/d"), 0u);
+  ASSERT_TRUE(env->TruncateFile("/d/f", 10).ok());
+  EXPECT_EQ(*env->FreeSpace("/d"), 90u);
+  ASSERT_TRUE(env->RemoveFile("/d/f").ok());
+  EXPECT_EQ(*env->FreeSpace("/d"), 100u);
+  EXPECT_GT(*NewMemEnv()->FreeSpace("/"), uint64_t{1} << 39);
+}
+
+TEST(MemEnvTest, InstancesAreIndependent) {
+  auto a = NewMemEnv(), b = NewMemEnv();
+  ASSERT_TRUE(a->CreateDirs("/x").ok());
+  ASSERT_TRUE(WriteStringToFile(a.get(), "1", "/x/f", false).ok());
+  EXPECT_FALSE(b->FileExists("/x/f"));
+  EXPECT_TRUE(b->LockFile("/x/LOCK").status().code() == StatusCode::kNotFound);
+}
+
+TEST(FaultInjectionEnvTest, InjectedFaults) {
+  auto mem = NewMemEnv();
+  FaultInjectionEnv env(mem.get());
+  ASSERT_TRUE(env.CreateDirs("/d").ok());
+  auto f = env.NewWritableFile("/d/f");
+  ASSERT_TRUE(f.ok());
+  env.FailNextWrites(2);
+  EXPECT_EQ((*f)->Append(B("aaaa")).code(), StatusCode::kInternal);
+  EXPECT_EQ((*f)->Append(B("aaaa")).code(), StatusCode::kInternal);
+  EXPECT_EQ((*f)->Size(), 0u);
+  ASSERT_TRUE((*f)->Append(B("bbbb")).ok());
+  env.ShortNextWrite(3);
+  EXPECT_EQ((*f)->Append(B("cccccc")).code(), StatusCode::kInternal);
+  EXPECT_EQ((*f)->Size(), 7u);
+  env.FailNextSyncs(1);
+  EXPECT_EQ((*f)->Sync().code(), StatusCode::kInternal);
+  EXPECT_TRUE((*f)->Sync().ok());
+  env.SetDiskBudget(5);
+  EXPECT_EQ(*env.FreeSpace("/d"), 5u);
+  ASSERT_TRUE((*f)->Append(B("dd")).ok());
+  EXPECT_EQ((*f)->Append(B("eeee")).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ((*f)->Size(), 12u);  // 7 + 2 + the 3 that fit
+  env.ClearDiskBudget();
+  ASSERT_TRUE((*f)->Append(B("ff")).ok());
+  EXPECT_EQ(ReadAll(&env, "/d/f"), "bbbbcccddeeeff");
+  EXPECT_EQ(env.injected_write_errors(), 3u);
+  EXPECT_EQ(env.injected_sync_errors(), 1u);
+  EXPECT_EQ(env.injected_enospc(), 1u);
+}
+
+TEST(FaultInjectionEnvTest, DropUnsyncedDataRevertsToLastSync) {
+  auto mem = NewMemEnv();
+  FaultInjectionEnv env(mem.get());
+  ASSERT_TRUE(env.CreateDirs("/d").ok());
+  ASSERT_TRUE(WriteStringToFile(&env, "durable", "/d/old", true).ok());  // synced + dir synced
+  {
+    auto f = env.NewAppendableFile("/d/old");
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE((*f)->Append(B("+synced")).ok());
+    ASSERT_TRUE((*f)->Sync().ok());
+    ASSERT_TRUE((*f)->Append(B("+lost")).ok());
+  }
+  {
+    auto f = env.NewWritableFile("/d/new");  // directory never synced afterwards
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE((*f)->Append(B("x")).ok());
+    ASSERT_TRUE((*f)->Sync().ok());
+  }
+  ASSERT_TRUE(env.DropUnsyncedData().ok());
+  EXPECT_EQ(ReadAll(&env, "/d/old"), "durable+synced");
+  EXPECT_FALSE(env.FileExists("/d/new"));
+  EXPECT_FALSE(env.IsPosix());
+}
+
+}  // namespace
+}  // namespace kvagent
