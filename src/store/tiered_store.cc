@@ -194,8 +194,8 @@ void TieredStore::WriterLoop() {
     }
     if (!s.ok()) {
       ++write_errors_;
-      last_write_error_ = s.WithContext(std::string(segment ? "write-behind put of " : "write-behind delete of ") +
-                                        op.key.ToHex());
+      last_write_error_ =
+          s.WithContext(std::string(segment ? "write-behind put of " : "write-behind delete of ") + op.key.ToHex());
     }
     cv_.notify_all();
   }

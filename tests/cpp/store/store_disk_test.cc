@@ -157,10 +157,10 @@ TEST(StoreDiskTest, DeletedKeyDoesNotComeBackAfterReopen) {
   ASSERT_TRUE(opened.ok());
   std::unique_ptr<Store> store = std::move(opened).value();
   ASSERT_TRUE(store->Put(MakeSegment(1, 1)).ok());
-  ASSERT_TRUE(store->Flush().ok());                       // version 1 durable
+  ASSERT_TRUE(store->Flush().ok());  // version 1 durable
   for (uint64_t id = 2; id < 6; ++id) ASSERT_TRUE(store->Put(MakeSegment(id, 1)).ok());
-  ASSERT_TRUE(store->Put(MakeSegment(1, 2)).ok());       // queued behind slow writes
-  ASSERT_TRUE(store->Delete(TestKey(1)).ok());           // cancels it and deletes version 1
+  ASSERT_TRUE(store->Put(MakeSegment(1, 2)).ok());  // queued behind slow writes
+  ASSERT_TRUE(store->Delete(TestKey(1)).ok());      // cancels it and deletes version 1
   ASSERT_TRUE(store->Delete(TestKey(3)).ok());
   EXPECT_EQ(store->Get(TestKey(1), TestModel()).status().code(), StatusCode::kNotFound);
   ASSERT_TRUE(store->Close().ok());
