@@ -13,7 +13,9 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const StoreOptions& options) {
     d.dir = options.path;
     d.capacity_bytes = options.disk_capacity_bytes;
     d.max_file_bytes = options.max_file_bytes;
-    d.sync = options.sync;
+    // Under write-behind nothing is promised durable before Flush(), so the writer thread syncs
+    // once per batch of queued records (group commit) instead of the tier syncing every record.
+    d.sync = options.sync && !options.write_behind;
     d.codec = options.disk_codec;
     d.env = options.env;
     KVAGENT_ASSIGN_OR_RETURN(disk, DiskTier::Open(d));

@@ -170,6 +170,17 @@ void TieredStore::WriterLoop() {
       s = disk_->Delete(op.key);
       if (s.code() == StatusCode::kNotFound) s = Status::Ok();
     }
+    // Group commit: one sync when the queue runs dry covers every record written since the
+    // last one. Nothing under write-behind is acknowledged as durable before Flush(), which
+    // syncs again, so a failure here only counts; the next Flush reports a lasting one.
+    if (s.ok() && options_.sync) {
+      bool batch_end;
+      {
+        std::lock_guard<std::mutex> relock(mu_);
+        batch_end = queue_.empty();
+      }
+      if (batch_end) s = disk_->Sync();
+    }
     lock.lock();
     done_seq_ = op.seq;
     it = pending_.find(op.key);
@@ -183,8 +194,8 @@ void TieredStore::WriterLoop() {
     }
     if (!s.ok()) {
       ++write_errors_;
-      last_write_error_ = s.WithContext(std::string(segment ? "write-behind put of " : "write-behind delete of ") +
-                                        op.key.ToHex());
+      last_write_error_ =
+          s.WithContext(std::string(segment ? "write-behind put of " : "write-behind delete of ") + op.key.ToHex());
     }
     cv_.notify_all();
   }

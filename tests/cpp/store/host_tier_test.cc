@@ -177,7 +177,10 @@ TEST(HostTierTest, LargePayloadBuffersAreRecycledWithinThePoolLimit) {
   for (const SegmentHandle& h : tier.Snapshot()) EXPECT_EQ(CheckSegment(*h), "");
   // Buffers outlive the tier (their pool is reached through a weak pointer).
   SegmentHandle survivor = tier.Get(TestKey(63));
-  { HostTier gone(0); ASSERT_TRUE(gone.Put(*SizedSegment(1, 16384)).ok()); }
+  {
+    HostTier gone(0);
+    ASSERT_TRUE(gone.Put(*SizedSegment(1, 16384)).ok());
+  }
   EXPECT_EQ(CheckSegment(*survivor), "");
 }
 

@@ -1,5 +1,7 @@
 // Store behaviour: fingerprints, validation, write-behind (back-pressure, errors, ordering),
 // promotion, close.
+#include "kvagent/store.h"
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -7,7 +9,6 @@
 #include <thread>
 
 #include "kvagent/host_tier.h"
-#include "kvagent/store.h"
 #include "store/store_test_fixture.h"
 #include "store/store_test_util.h"
 #include "store/tiered_store.h"

@@ -16,10 +16,10 @@
 namespace kvagent::testing {
 
 enum class StoreBackend {
-  kHostOnly,  // no path: host tier only
-  kFakeDisk,  // in-memory FakeDiskTier behind the host tier (slow, gated or failing on demand)
-  kPosixDisk, // the real DiskTier in a temporary directory
-  kMemDisk,   // the real DiskTier on NewMemEnv()
+  kHostOnly,   // no path: host tier only
+  kFakeDisk,   // in-memory FakeDiskTier behind the host tier (slow, gated or failing on demand)
+  kPosixDisk,  // the real DiskTier in a temporary directory
+  kMemDisk,    // the real DiskTier on NewMemEnv()
 };
 
 inline const char* BackendName(StoreBackend b) {

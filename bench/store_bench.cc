@@ -1,0 +1,290 @@
+// Store throughput next to this machine's limits, for segment sizes of 64 KiB, 1 MiB, 16 MiB.
+//
+//   Memcpy/<size>          limit for the host tier: memcpy of a 256 MiB working set in chunks of
+//                          <size> (cache-cold, like copying fresh segments into the tier).
+//   HostPut/<size>         Store::Put into a host-only store (one copy into tier-owned memory,
+//                          LRU eviction at steady state).
+//   HostGet/<size>         Store::Get of a resident segment: zero-copy (a handle), so GB/s here
+//                          is payload bytes made available per second, not bytes moved.
+//   HostGetCopy/<size>     Get plus memcpy of the payload into the caller's buffer.
+//   DiskSeqWrite, DiskSeqRead  limit for the disk tier: one 256 MiB file written with pwrite in
+//                          1 MiB chunks then fdatasync, and read back with pread after the page
+//                          cache was dropped for it (fdatasync, then posix_fadvise DONTNEED).
+//   DiskPut/<size>/<sync>  write-behind Puts of 256 MiB of segments into an empty store plus
+//                          Flush(); sync=1: the disk tier fdatasyncs every record, sync=0: once
+//                          in Flush (what DiskSeqWrite does).
+//   DiskGet/<size>         every segment read once from a reopened store (empty host tier) after
+//                          the page cache was dropped for all files in the directory (same
+//                          method), so the reads come from the device.
+//
+// Directory: $KVAGENT_BENCH_DIR or /tmp. Counter GBps = 1e9 bytes per second.
+#include <benchmark/benchmark.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvagent/host_tier.h"
+#include "kvagent/segment.h"
+#include "kvagent/store.h"
+
+namespace kvagent {
+namespace {
+
+constexpr size_t kWorkingSet = 256ull << 20;
+
+std::string BenchDir() {
+  const char* d = std::getenv("KVAGENT_BENCH_DIR");
+  return d != nullptr ? d : "/tmp";
+}
+
+void Check(const Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
+    std::abort();
+  }
+}
+
+// A segment of exactly `bytes` payload bytes (bf16, 8 layers x 8 KV heads x 128 dims: 32 KiB
+// per token), filled with non-zero data.
+std::shared_ptr<Segment> MakeSegment(size_t bytes, uint64_t id) {
+  auto s = std::make_shared<Segment>();
+  s->key = HashString("bench-" + std::to_string(id));
+  s->model = HashString("bench-model");
+  const int tokens = static_cast<int>(bytes / (8 * 2 * 8 * 128 * 2));
+  s->layout = SegmentLayout{8, 8, 128, tokens, DType::kBF16};
+  s->tokens.assign(tokens, 7);
+  s->positions.resize(tokens);
+  for (int i = 0; i < tokens; ++i) s->positions[i] = i;
+  auto buf = Buffer::Allocate(s->layout.NumBytes());
+  Check(buf.status(), "allocate");
+  s->payload = std::move(buf).value();
+  std::memset(s->payload->data(), 0x5a, s->payload->size());
+  return s;
+}
+
+void SetRate(benchmark::State& state, double bytes) {
+  state.SetBytesProcessed(static_cast<int64_t>(bytes));
+  state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsRate);
+}
+
+// ---- host tier and its limit ----
+
+void BM_Memcpy(benchmark::State& state) {
+  const size_t size = state.range(0);
+  std::vector<std::byte> src(kWorkingSet, std::byte{1}), dst(kWorkingSet, std::byte{2});
+  size_t off = 0;
+  double bytes = 0;
+  for (auto _ : state) {
+    std::memcpy(dst.data() + off, src.data() + off, size);
+    benchmark::DoNotOptimize(dst.data());
+    off = (off + size) % kWorkingSet;
+    bytes += size;
+  }
+  SetRate(state, bytes);
+}
+
+void BM_HostPut(benchmark::State& state) {
+  const size_t size = state.range(0);
+  StoreOptions o;
+  o.host_capacity_bytes = kWorkingSet;
+  auto store = Store::Open(o);
+  Check(store.status(), "open");
+  const size_t ring = 2 * kWorkingSet / size;  // twice the capacity: steady-state eviction
+  std::vector<std::shared_ptr<Segment>> segs;
+  auto proto = MakeSegment(size, 0);
+  for (size_t i = 0; i < ring; ++i) {
+    auto s = std::make_shared<Segment>(*proto);  // shares the caller-side payload
+    s->key = HashString("bench-" + std::to_string(i));
+    segs.push_back(std::move(s));
+  }
+  size_t i = 0;
+  double bytes = 0;
+  for (auto _ : state) {
+    Check(store.value()->Put(segs[i]), "put");
+    i = (i + 1) % ring;
+    bytes += size;
+  }
+  SetRate(state, bytes);
+  state.counters["evictions"] = static_cast<double>(store.value()->Stats().host.evictions);
+}
+
+void HostGetImpl(benchmark::State& state, bool copy_out) {
+  const size_t size = state.range(0);
+  StoreOptions o;
+  o.host_capacity_bytes = 2 * kWorkingSet;
+  auto store = Store::Open(o);
+  Check(store.status(), "open");
+  const size_t n = kWorkingSet / size;
+  auto proto = MakeSegment(size, 0);
+  std::vector<Hash128> keys;
+  for (size_t i = 0; i < n; ++i) {
+    auto s = std::make_shared<Segment>(*proto);
+    s->key = HashString("bench-" + std::to_string(i));
+    keys.push_back(s->key);
+    Check(store.value()->Put(s), "put");
+  }
+  std::vector<std::byte> dst(copy_out ? size : 0);
+  size_t i = 0;
+  double bytes = 0;
+  for (auto _ : state) {
+    auto got = store.value()->Get(keys[i], proto->model);
+    Check(got.status(), "get");
+    if (copy_out) std::memcpy(dst.data(), got.value()->payload->data(), size);
+    benchmark::DoNotOptimize(got.value().get());
+    i = (i + 1) % n;
+    bytes += size;
+  }
+  SetRate(state, bytes);
+}
+void BM_HostGet(benchmark::State& state) { HostGetImpl(state, false); }
+void BM_HostGetCopy(benchmark::State& state) { HostGetImpl(state, true); }
+
+// ---- disk tier and its limit ----
+
+void DropCache(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return;
+  ::fdatasync(fd);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+}
+
+void DropCacheDir(const std::string& dir) {
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.is_regular_file()) DropCache(e.path().string());
+}
+
+void BM_DiskSeqWrite(benchmark::State& state) {
+  const std::string path = BenchDir() + "/kvagent-bench-seq";
+  std::vector<std::byte> chunk(1 << 20, std::byte{0x5a});
+  for (auto _ : state) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) std::abort();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (size_t off = 0; off < kWorkingSet; off += chunk.size())
+      if (::pwrite(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size()))
+        std::abort();
+    ::fdatasync(fd);
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    ::close(fd);
+  }
+  SetRate(state, static_cast<double>(kWorkingSet) * state.iterations());
+}
+
+void BM_DiskSeqRead(benchmark::State& state) {
+  const std::string path = BenchDir() + "/kvagent-bench-seq";  // written by BM_DiskSeqWrite
+  std::vector<std::byte> chunk(1 << 20);
+  for (auto _ : state) {
+    DropCache(path);
+    int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0) std::abort();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (size_t off = 0; off < kWorkingSet; off += chunk.size())
+      if (::pread(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size()))
+        std::abort();
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    ::close(fd);
+  }
+  SetRate(state, static_cast<double>(kWorkingSet) * state.iterations());
+  ::unlink(path.c_str());
+}
+
+std::string FreshStoreDir(const char* tag, size_t size) {
+  std::string dir = BenchDir() + "/kvagent-bench-" + tag + "-" + std::to_string(size);
+  std::filesystem::remove_all(dir);
+  return dir;
+}
+
+void BM_DiskPut(benchmark::State& state) {
+  const size_t size = state.range(0);
+  const bool sync = state.range(1) != 0;
+  const size_t n = kWorkingSet / size;
+  auto proto = MakeSegment(size, 0);
+  std::vector<std::shared_ptr<Segment>> segs;
+  for (size_t i = 0; i < n; ++i) {
+    auto s = std::make_shared<Segment>(*proto);
+    s->key = HashString("bench-" + std::to_string(i));
+    segs.push_back(std::move(s));
+  }
+  for (auto _ : state) {
+    const std::string dir = FreshStoreDir("put", size);
+    StoreOptions o;
+    o.path = dir;
+    o.sync = sync;
+    o.host_capacity_bytes = 64ull << 20;
+    auto store = Store::Open(o);
+    Check(store.status(), "open");
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const auto& s : segs) Check(store.value()->Put(s), "put");
+    Check(store.value()->Flush(), "flush");
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    Check(store.value()->Close(), "close");
+    std::filesystem::remove_all(dir);
+  }
+  SetRate(state, static_cast<double>(n * size) * state.iterations());
+}
+
+void BM_DiskGet(benchmark::State& state) {
+  const size_t size = state.range(0);
+  const size_t n = kWorkingSet / size;
+  const std::string dir = FreshStoreDir("get", size);
+  StoreOptions o;
+  o.path = dir;
+  o.sync = false;
+  o.host_capacity_bytes = 64ull << 20;
+  auto proto = MakeSegment(size, 0);
+  std::vector<Hash128> keys;
+  {
+    auto store = Store::Open(o);
+    Check(store.status(), "open");
+    for (size_t i = 0; i < n; ++i) {
+      auto s = std::make_shared<Segment>(*proto);
+      s->key = HashString("bench-" + std::to_string(i));
+      keys.push_back(s->key);
+      Check(store.value()->Put(s), "put");
+    }
+    Check(store.value()->Close(), "close");
+  }
+  for (auto _ : state) {
+    DropCacheDir(dir);
+    auto store = Store::Open(o);
+    Check(store.status(), "open");
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const Hash128& k : keys) {
+      auto got = store.value()->Get(k, proto->model);
+      Check(got.status(), "get");
+      benchmark::DoNotOptimize(got.value().get());
+    }
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    Check(store.value()->Close(), "close");
+  }
+  SetRate(state, static_cast<double>(n * size) * state.iterations());
+  std::filesystem::remove_all(dir);
+}
+
+#define KV_SIZES Arg(64 << 10)->Arg(1 << 20)->Arg(16 << 20)
+BENCHMARK(BM_Memcpy)->KV_SIZES->MinTime(0.5);
+BENCHMARK(BM_HostPut)->KV_SIZES->MinTime(0.5);
+BENCHMARK(BM_HostGet)->KV_SIZES->MinTime(0.5);
+BENCHMARK(BM_HostGetCopy)->KV_SIZES->MinTime(0.5);
+BENCHMARK(BM_DiskSeqWrite)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DiskSeqRead)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DiskPut)
+    ->ArgsProduct({{64 << 10, 1 << 20, 16 << 20}, {0, 1}})
+    ->UseManualTime()
+    ->Iterations(2)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DiskGet)->KV_SIZES->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+}  // namespace kvagent
+
+BENCHMARK_MAIN();
