@@ -30,7 +30,7 @@ else
   (cmake -S . -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVAGENT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
      -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_BUILD_PYTHON=OFF &&
    cmake --build $BUILD -j"$(nproc)" --target core_test cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test \
-     cuda_kv_bench) > "$OUT/build.log" 2>&1
+     cuda_index_test cuda_kv_bench) > "$OUT/build.log" 2>&1
   rc=$?
   tail -20 "$OUT/build.log"
   if [ $rc -ne 0 ]; then
@@ -40,12 +40,13 @@ else
   BIN=$BUILD/stage
   mkdir -p $BIN
   cp $BUILD/tests/cpp/core/core_test $BUILD/tests/cpp/cuda/cuda_nodevice_test $BUILD/tests/cpp/cuda/cuda_kv_move_test \
-    $BUILD/tests/cpp/cuda/cuda_device_tier_test $BUILD/tests/cpp/cuda/bench_cuda/cuda_kv_bench $BIN/
+    $BUILD/tests/cpp/cuda/cuda_device_tier_test $BUILD/tests/cpp/cuda/bench_cuda/cuda_kv_bench \
+    $BUILD/tests/cpp/cuda_index/cuda_index_test $BIN/
 fi
 
 : > "$OUT/tests.log"
 summary=""
-for t in cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test; do
+for t in cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test cuda_index_test; do
   echo "=== $t" >> "$OUT/tests.log"
   timeout 240 "$BIN/$t" --gtest_color=no > "$OUT/$t.tmp" 2>&1
   rc=$?

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from kv_agent import _core
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -277,7 +279,8 @@ def cmd_show(args) -> int:
             check = f"CORRUPT: {e}"
     d = info.to_dict()
     d.update(
-        codec=info.codec,
+        codec=f"{info.codec} ({_core.codec_encoded_size(info.layout, info.codec)} encoded payload bytes)"
+        if info.stored_bytes else info.codec,
         checksums=check,
         positions_range=positions,
         first_tokens=tokens,
