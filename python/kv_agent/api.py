@@ -237,6 +237,11 @@ class CacheManager:
             raise InvalidArgumentError("CacheManager needs a tokenizer")
         self.spec = self.engine.model_spec()
         self.format = format_for(self.engine.model_type, self.tokenizer)
+        self._stop_ids = list(self.engine.default_eos_ids())
+        if self.format.stop_at_newline:
+            from kv_agent.models.chat import newline_token_ids
+
+            self._stop_ids += newline_token_ids(self.tokenizer)
         self.max_segment_tokens = max_segment_tokens
         self.recent_turns = recent_turns
         self.memory = memory or AgentMemory.latest() or AgentMemory()
@@ -386,7 +391,7 @@ class CacheManager:
         kv = torch.cat(parts, dim=3)
         cache = self.engine.build_cache(kv, start=0)
         t_load = time.perf_counter()
-        gen = self.engine.generate(new_ids, cache, max_new_tokens=max_new_tokens)
+        gen = self.engine.generate(new_ids, cache, max_new_tokens=max_new_tokens, eos_ids=self._stop_ids)
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
         for stop in self.format.stop_strings:
             text = text.split(stop)[0]

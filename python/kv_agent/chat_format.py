@@ -23,6 +23,8 @@ class ChatFormat:
     assistant: str  # "{text}"
     assistant_cue: str
     stop_strings: tuple[str, ...] = ()
+    query_template: str | None = None  # "{text}"; None = user turn + assistant cue
+    stop_at_newline: bool = False  # one-line answers (base models keep writing turns otherwise)
 
     def prefix(self, system_prompt: str) -> str:
         return self.system.format(system=system_prompt) if system_prompt else ""
@@ -36,6 +38,8 @@ class ChatFormat:
         return out
 
     def query(self, user: str) -> str:
+        if self.query_template is not None:
+            return self.query_template.format(text=user)
         return self.user.format(text=user) + self.assistant_cue
 
 
@@ -64,6 +68,9 @@ LLAMA3 = ChatFormat(
     assistant_cue="<|start_header_id|>assistant<|end_header_id|>\n\n",
     stop_strings=("<|eot_id|>",),
 )
+# Base (pretrained) models have no chat turns: remembered exchanges are plain "User:/Assistant:"
+# lines and a query is a "Question: ... Answer:" completion, answered on one line. The embedded
+# default model (Gemma 3 270M from PyPI) is such a base model.
 PLAIN = ChatFormat(
     name="plain",
     system="{system}\n\n",
@@ -71,6 +78,8 @@ PLAIN = ChatFormat(
     assistant="Assistant: {text}\n",
     assistant_cue="Assistant:",
     stop_strings=("\nUser:",),
+    query_template="Question: {text}\nAnswer:",
+    stop_at_newline=True,
 )
 
 
@@ -82,7 +91,10 @@ def _has_token(tokenizer, token: str) -> bool:
 
 
 def format_for(model_type: str, tokenizer=None) -> ChatFormat:
-    """The chat format of a model, from its type and the special tokens its tokenizer knows."""
+    """The chat format of a model: PLAIN for base models (a tokenizer without a chat template),
+    else the turn markers its tokenizer knows."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return PLAIN
     if model_type.startswith("gemma") or _has_token(tokenizer, "<start_of_turn>"):
         return GEMMA
     if _has_token(tokenizer, "<|im_start|>"):
