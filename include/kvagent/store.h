@@ -73,7 +73,11 @@ struct StoreOptions {
   uint64_t max_file_bytes = 256ull << 20;  // segment files roll over at this size
   bool write_behind = true;                // false: Put writes through to disk before returning
   size_t write_queue_limit = 64;           // segments queued for write-behind before Put blocks
-  bool sync = true;                        // fdatasync each record before it is acknowledged
+  // Durability. write_behind=false: Put returns after the record is written (and fdatasync'ed
+  // when sync). write_behind=true: an acknowledged Put is readable at once but durable only after
+  // Flush() or Close() returns OK; the writer syncs once per drained batch (group commit) when
+  // sync. Write errors and retries: docs/store.md.
+  bool sync = true;
   CodecKind disk_codec = CodecKind::kRaw;
   Env* env = nullptr;                      // nullptr = Env::Default()
 };

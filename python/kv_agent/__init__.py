@@ -6,7 +6,12 @@ Python front door (AgentMemory, CacheManager) and the engine adapters.
 
 from __future__ import annotations
 
-from kv_agent import _core  # noqa: F401
+from kv_agent import (  # noqa: F401,E402
+    _core,  # noqa: F401
+    index,
+    rope,
+    store,
+)
 from kv_agent._core import (  # noqa: F401
     DType,
     Hash128,
@@ -24,5 +29,6 @@ from kv_agent._core import (  # noqa: F401
 )
 from kv_agent.api import AgentMemory, Answer, CacheManager, MemoryHit  # noqa: F401,E402
 from kv_agent.errors import *  # noqa: F401,F403
+from kv_agent.store import Segment, SegmentInfo, SegmentLayout, Store  # noqa: F401,E402
 
 __version__ = "0.1.0"
