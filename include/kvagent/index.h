@@ -103,16 +103,18 @@ enum class HeadReduce : uint8_t {
 };
 
 struct IndexOptions {
-  ScoreKind score = ScoreKind::kBoundingBox;
+  // Defaults: the best of a grid on planted-fact retrieval with Gemma 3 270M (docs/retrieval.md):
+  // mean-key scores, every query token voting, softmax over segments, max over votes.
+  ScoreKind score = ScoreKind::kMeanKey;
   TokenNorm norm = TokenNorm::kSoftmax;
-  Aggregation agg = Aggregation::kMean;
+  Aggregation agg = Aggregation::kMax;
   HeadReduce head_reduce = HeadReduce::kMeanQuery;
   // Model layers scored, in query order (the summaries must contain them). Empty = the default
   // DefaultIndexLayers(num_layers): every layer up to 8 layers, else 8 evenly spaced ones.
   std::vector<int> layers;
   // Query tokens are averaged into this many contiguous chunks (capped at the token count);
   // 0 = every query token votes separately.
-  int token_chunks = 4;
+  int token_chunks = 0;
   double top_p = 0.25;  // kTopP: fraction of a segment's votes averaged, in (0, 1]
   // Element type of the in-memory matrix: f16 halves memory and bandwidth (min/max rounded
   // outward so the bound still holds) or f32.

@@ -302,7 +302,6 @@ class CacheManager:
             cap, _ = self.engine.capture(ids, cache=cache)
             keys = []
             now = int(time.time() * 1e6) if time_us is None else int(time_us)
-            layers = self.memory.index.layers
             for chunk, start in enumerate(range(0, len(ids), self.max_segment_tokens)):
                 part = cap.slice(start, min(start + self.max_segment_tokens, len(ids)))
                 kv = part.kv.contiguous()
@@ -311,7 +310,9 @@ class CacheManager:
                 seg = Segment(kv, tokens=part.token_ids.tolist(), model=self.spec.fingerprint, key=key,
                               positions=part.positions.numpy(), ns=self.memory.namespace,
                               agent=agent or self.memory.agent, session=session, turn=int(turn), chunk=chunk,
-                              role=role, text=piece, time_us=now, summary=summarize(kv[:, 0], layers=layers))
+                              role=role, text=piece, time_us=now,
+                              # every layer is summarised, so any index configuration can be built later
+                              summary=summarize(kv[:, 0]))
                 self.memory.add_segment(seg)
                 keys.append(key)
             return keys

@@ -80,12 +80,12 @@ class IndexOptions:
     num_threads: scoring threads (0 = all cores).
     """
 
-    score: str = "bbox"
+    score: str = "mean"
     norm: str = "softmax"
-    agg: str = "mean"
+    agg: str = "max"
     head_reduce: str = "mean_query"
     layers: Sequence[int] | None = None
-    token_chunks: int = 4
+    token_chunks: int = 0
     top_p: float = 0.25
     storage: str = "f16"
     num_threads: int = 0

@@ -154,7 +154,7 @@ def test_summary_round_trip_and_layers():
 def test_bbox_bounds_every_key():
     rng = np.random.default_rng(3)
     spec = make_spec(layers=2, q_heads=8, kv_heads=2, dim=64)
-    opts = ki.IndexOptions(norm="none", agg="max", head_reduce="max_score", token_chunks=0, layers=[0, 1])
+    opts = ki.IndexOptions(score="bbox", norm="none", agg="max", head_reduce="max_score", token_chunks=0, layers=[0, 1])
     idx = ki.LatentIndex(spec, opts)
     k = rng.standard_normal((2, 2, 11, 64)).astype(np.float32)
     idx.add(kv_agent.Hash128.of_str("a"), ki.summarize(k), num_tokens=11)

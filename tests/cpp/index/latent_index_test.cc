@@ -185,6 +185,7 @@ TEST(LatentIndex, BoundingBoxIsUpperBound) {
       ModelSpec spec = Spec(2, 2 * ratio, 2, dim);
       for (DType storage : {DType::kF32, DType::kF16}) {
         IndexOptions o;
+        o.score = ScoreKind::kBoundingBox;
         o.norm = TokenNorm::kNone;
         o.agg = Aggregation::kMax;
         o.head_reduce = HeadReduce::kMaxScore;
@@ -292,6 +293,7 @@ TEST(LatentIndex, BreakdownIsConsistent) {
   IndexOptions o;
   o.layers = {0, 2};
   o.token_chunks = 3;
+  o.agg = Aggregation::kMean;
   auto idx = Build(f, o);
   Query q = MakeQuery(rng, 2, 4, 7, 16, DType::kF32);
   auto hits = idx->Search(q.view, SearchRequest{}).value();
