@@ -16,7 +16,7 @@ import importlib
 import sys
 
 # The one list of subcommand groups. Add a module here to plug in a new group.
-COMMAND_MODULES = ("kv_agent.commands.store",)
+COMMAND_MODULES = ("kv_agent.commands.memory", "kv_agent.commands.bench", "kv_agent.commands.store")
 
 
 def build_parser() -> argparse.ArgumentParser:

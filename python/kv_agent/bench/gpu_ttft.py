@@ -154,17 +154,21 @@ def main(argv=None) -> int:
             hits = index.search(qv.numpy(), top_k=0, token_budget=B)
             t2 = time.perf_counter()
             sel = sorted(int(h.turn) for h in hits)
-            kv = host[sel].to(dev, non_blocking=True)  # [n, L, 2, Hkv, S, D]
+            # Each selected segment is one contiguous pinned block: DMA it straight to the device.
+            kv = torch.empty((len(sel), L, 2, Hkv, S, D), device=dev, dtype=dtype)
+            for j, i in enumerate(sel):
+                kv[j].copy_(host[i], non_blocking=True)
             sync(dev)
             t3 = time.perf_counter()
             n = len(sel) * S
             kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(L, 2, Hkv, n, D)
             pos = torch.arange(n, device=dev).unsqueeze(0)
             cos, sin = model.model.rotary_emb(kv[0, 1].unsqueeze(0), pos)
+            # Every layer shares the RoPE: rotate all keys in one pass, to planned positions 0..n-1.
+            k_all, _ = apply_rotary_pos_emb(kv[:, 0], kv[:, 0], cos, sin)
             cache = DynamicCache(config=cfg)
             for li in range(L):
-                k, _ = apply_rotary_pos_emb(kv[li, 0].unsqueeze(0), kv[li, 0].unsqueeze(0), cos, sin)
-                cache.update(k.contiguous(), kv[li, 1].unsqueeze(0).contiguous(), li)
+                cache.update(k_all[li].unsqueeze(0), kv[li, 1].unsqueeze(0), li)
             sync(dev)
             t4 = time.perf_counter()
             with torch.no_grad():
