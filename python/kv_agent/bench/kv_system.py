@@ -84,7 +84,9 @@ class KVMemorySystem:
         self.summaries: dict = {}
         t0 = time.perf_counter()
         tokens = 0
-        for t in conv.turns:
+        from tqdm.auto import tqdm
+
+        for t in tqdm(conv.turns, desc=f"{conv.sample_id} ingest KV", unit="turn", leave=False):
             line = self.template.line(t)
             keys = self.cm.store_text(line, session=f"S{t.session}", turn=t.index, role=t.speaker,
                                       time_us=session_time_us(t.date_time, t.session) + t.index)
