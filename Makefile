@@ -14,6 +14,9 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 LOCOMO ?= ../shared/data/locomo/locomo10_dev.json
+# Multi-threaded tests run under ThreadSanitizer.
+TSAN_TESTS := store_concurrency_test index_concurrency_test disk_thread_test
+space := $(subst ,, )
 
 APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \
 	libsqlite3-dev libhiredis-dev redis-server
@@ -65,8 +68,8 @@ asan: deps-apt
 
 tsan: deps-apt
 	cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVAGENT_SANITIZE=thread -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_BENCH=OFF
-	cmake --build build-tsan -j $(JOBS)
-	TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan -L unit -R 'concurren|thread' --output-on-failure
+	cmake --build build-tsan -j $(JOBS) --target $(TSAN_TESTS)
+	TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan -L unit -R '$(subst $(space),|,$(TSAN_TESTS))' --output-on-failure
 
 test-sanitize: asan tsan
 
