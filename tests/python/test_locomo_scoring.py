@@ -71,3 +71,17 @@ def test_load_dev_split_counts():
         for q in c.questions:
             cats[q.category] = cats.get(q.category, 0) + 1
     assert cats == {1: 192, 2: 214, 3: 66, 4: 563, 5: 312}
+
+
+def test_truncate_sessions_keeps_answerable_questions():
+    from kv_agent.bench.locomo_bench import truncate_sessions
+
+    conv = locomo.Conversation("c", "A", "B", {1: "d1", 2: "d2"},
+                               [locomo.Turn("D1:1", 1, 1, "A", "x", "d1"), locomo.Turn("D2:1", 2, 1, "B", "y", "d2")],
+                               [locomo.Question("c/q0", "q", "a", 4, ("D1:1",)),
+                                locomo.Question("c/q1", "q", "a", 4, ("D1:1", "D2:1")),
+                                locomo.Question("c/q2", "q", "a", 5, ())])
+    t = truncate_sessions(conv, 1)
+    assert [x.dia_id for x in t.turns] == ["D1:1"]
+    assert [q.qid for q in t.questions] == ["c/q0"]
+    assert truncate_sessions(conv, 0) is conv

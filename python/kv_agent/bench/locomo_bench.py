@@ -31,6 +31,7 @@ class BenchConfig:
     locomo: str | None = None
     conversations: list[str] = field(default_factory=list)  # sample ids; empty = all
     max_conversations: int = 0  # 0 = all
+    max_sessions: int = 0  # keep only the first N sessions and the questions answerable from them (0 = all)
     per_category: int = 0  # questions per category per conversation (0 = all)
     categories: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     systems: list[str] = field(default_factory=lambda: list(ALL_SYSTEMS))
@@ -40,6 +41,18 @@ class BenchConfig:
     out: str = "bench/out/locomo"
     model: str | None = None  # local HF model path; None = default Gemma 3 270M
     kv_variants: list[str] = field(default_factory=list)  # index ablations ("score:norm:agg[:layers]")
+
+
+def truncate_sessions(conv: Conversation, n: int) -> Conversation:
+    """The first ``n`` sessions of ``conv`` and only the questions whose evidence lies in them."""
+    if n <= 0 or len(conv.sessions) <= n:
+        return conv
+    keep = sorted(conv.sessions)[:n]
+    turns = [t for t in conv.turns if t.session in keep]
+    ids = {t.dia_id for t in turns}
+    questions = [q for q in conv.questions if q.evidence and all(e in ids for e in q.evidence)]
+    return Conversation(conv.sample_id, conv.speaker_a, conv.speaker_b, {s: conv.sessions[s] for s in keep},
+                        turns, questions)
 
 
 def select_questions(conv: Conversation, cfg: BenchConfig) -> list[Question]:
@@ -146,6 +159,7 @@ def run(cfg: BenchConfig, progress: bool = True, model_and_tokenizer=None) -> di
         convs = [c for c in convs if c.sample_id in wanted]
     if cfg.max_conversations:
         convs = convs[: cfg.max_conversations]
+    convs = [truncate_sessions(c, cfg.max_sessions) for c in convs]
     if model_and_tokenizer is not None:
         model, tok = model_and_tokenizer
     else:

@@ -12,6 +12,7 @@ def add_parser(sub) -> None:
     p.add_argument("--locomo", default=None, help="LoCoMo json (default: ../shared/data/locomo/locomo10_dev.json)")
     p.add_argument("--conversations", default="", help="comma-separated sample ids (default: all)")
     p.add_argument("--max-conversations", type=int, default=0)
+    p.add_argument("--max-sessions", type=int, default=0, help="first N sessions per conversation (0 = all)")
     p.add_argument("--per-category", type=int, default=0, help="questions per category per conversation (0 = all)")
     p.add_argument("--categories", default="1,2,3,4,5")
     p.add_argument("--systems", default="no-memory,full-context,rag-minilm,rag-bm25,kv-memory")
@@ -33,7 +34,8 @@ def _locomo(args: argparse.Namespace) -> int:
     from kv_agent.bench.report import markdown_table
 
     cfg = BenchConfig(locomo=args.locomo, conversations=_split(args.conversations),
-                      max_conversations=args.max_conversations, per_category=args.per_category,
+                      max_conversations=args.max_conversations, max_sessions=args.max_sessions,
+                      per_category=args.per_category,
                       categories=[int(c) for c in _split(args.categories)], systems=_split(args.systems),
                       token_budget=args.budget, max_new_tokens=args.max_new_tokens, seed=args.seed, out=args.out,
                       model=args.model, kv_variants=_split(args.kv_variants))

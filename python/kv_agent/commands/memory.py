@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="LoCoMo demo: KV memory vs full context on one conversation")
     d.add_argument("--locomo", default=None, help="LoCoMo json (default: ../shared/data/locomo/locomo10_dev.json)")
     d.add_argument("--conversation", default="conv-30", help="sample id (default: conv-30, the shortest)")
-    d.add_argument("--per-category", type=int, default=3, help="questions per category (1-5)")
+    d.add_argument("--per-category", type=int, default=2, help="questions per category (1-5)")
+    d.add_argument("--max-sessions", type=int, default=8,
+                   help="use the first N sessions and the questions answerable from them (0 = all)")
     d.add_argument("--budget", type=int, default=512, help="token budget of retrieved KV per question")
     d.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M from PyPI)")
     d.add_argument("--out", default="bench/out/demo", help="where the JSON/markdown/plots go")
@@ -75,6 +77,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     console = Console()
     cfg = BenchConfig(locomo=args.locomo, conversations=[args.conversation], per_category=args.per_category,
+                      max_sessions=args.max_sessions,
                       systems=["kv-memory", "full-context"], token_budget=args.budget, model=args.model,
                       out=args.out)
     doc = run(cfg, progress=True)
