@@ -47,9 +47,8 @@ Status CheckDevice();
 // fp32 like HF's inv_freq buffer (the engine rotates queries with those fp32 values).
 // inv_freq has rotary_dim / 2 entries; angle(pos, i) = pos * inv_freq[i] evaluated in double
 // from the integer position (linear scaling is folded into inv_freq). Semantics match the CPU
-// positioner (kvagent/rope.h, branch `rope`): forward a * R(p) x, inverse R(-p) x / a,
-// reposition R(p_to - p_from) x; its ComputeRopeFrequencies (torch's exact fp32 op order) can
-// feed RopeDeviceTable::Create(tables, head_dim) directly.
+// positioner (kvagent/rope.h), whose ComputeRopeFrequencies (torch's exact fp32 op order) this
+// table is built from: forward a * R(p) x, inverse R(-p) x / a, reposition R(p_to - p_from) x.
 // attention_factor multiplies cos and sin when rotating (yarn; 1 otherwise) and is applied
 // exactly once: kApply multiplies, kInverse divides, kShift (post-RoPE to post-RoPE) leaves it
 // alone. A disabled spec gives rotary_dim 0.

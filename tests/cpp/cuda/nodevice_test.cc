@@ -14,11 +14,12 @@ namespace {
 
 constexpr double kPi = 3.14159265358979323846;
 
-// Tables hold HF's fp32 inv_freq values: representable in float and within float rounding of
-// the double-precision formula.
+// Tables hold HF's fp32 inv_freq values (the positioner reproduces torch's fp32 op order, whose
+// float pow is not always correctly rounded): representable in float and within 4 ulp of the
+// double-precision formula.
 void ExpectFp32Of(double got, double want, int i) {
   EXPECT_EQ(got, static_cast<double>(static_cast<float>(got))) << "not an fp32 value at " << i;
-  EXPECT_NEAR(got, want, std::fabs(want) * 1.2e-7) << i;
+  EXPECT_NEAR(got, want, std::fabs(want) * 4.8e-7) << i;
 }
 
 TEST(RopeTable, DefaultAndLinear) {
