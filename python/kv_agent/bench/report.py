@@ -124,14 +124,17 @@ def markdown_table(agg: dict) -> str:
     lines = [
         "| system | F1 cat 1-4 | " + " | ".join(cats) + " | adversarial (cat 5) | overall | prefill tok (mean / p95) "
         "| reused tok | TTFT median s | total median s | recall@5 | recall@10 | recall@25 |",
-        "|---|" + "---|" * (len(cats) + 11),
+        "|---|" + "---|" * (len(cats) + 10),
     ]
+    def pct(x: float) -> str:
+        return "-" if x != x else f"{100 * x:.1f}"  # NaN: no question of that kind
+
     for name, a in agg.items():
-        f1c = [f"{100 * a['f1_by_category'].get(c, float('nan')):.1f}" for c in cats]
+        f1c = [pct(a["f1_by_category"].get(c, float("nan"))) for c in cats]
         rec = [f"{100 * a[f'recall@{k}']['recall']:.1f}" if f"recall@{k}" in a else "-" for k in RECALL_KS]
         lines.append(
-            f"| {name} | {100 * a['f1_cat1_4']:.1f} | " + " | ".join(f1c)
-            + f" | {100 * a['adversarial_cat5']:.1f} | {100 * a['overall']:.1f}"
+            f"| {name} | {pct(a['f1_cat1_4'])} | " + " | ".join(f1c)
+            + f" | {pct(a['adversarial_cat5'])} | {pct(a['overall'])}"
             + f" | {a['prefill_tokens_mean']:.0f} / {a['prefill_tokens_p95']:.0f} | {a['reused_tokens_mean']:.0f}"
             + f" | {a['ttft_s_median']:.3f} | {a['total_s_median']:.3f} | " + " | ".join(rec) + " |"
         )
