@@ -10,6 +10,7 @@
 #include <random>
 #include <string>
 
+#include "temp_dir.h"
 #include "kvagent/disk_tier.h"
 #include "kvagent/segment.h"
 
@@ -68,25 +69,5 @@ inline ::testing::AssertionResult SameSegment(const Segment& a, const Segment& b
     return ::testing::AssertionFailure() << "payload differs";
   return ::testing::AssertionSuccess();
 }
-
-// A fresh directory under $TMPDIR (or /tmp), removed on destruction.
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base && *base ? base : "/tmp") + "/kvagent-disk-XXXXXX";
-    char* p = ::mkdtemp(tmpl.data());
-    EXPECT_NE(p, nullptr);
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 }  // namespace kvagent::testing

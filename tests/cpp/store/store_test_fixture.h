@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.h"
 #include "kvagent/env.h"
 #include "kvagent/store.h"
 #include "store/store_test_util.h"
@@ -52,25 +53,6 @@ inline int StepsFor(StoreBackend b) {
   }
   return 1000;
 }
-
-// A fresh temporary directory, removed with the object.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "kvagent-store-XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    EXPECT_NE(p, nullptr);
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 class StoreHarness {
  public:
