@@ -10,9 +10,9 @@
 #include <random>
 #include <string>
 
-#include "temp_dir.h"
 #include "kvagent/disk_tier.h"
 #include "kvagent/segment.h"
+#include "temp_dir.h"
 
 namespace kvagent::testing {
 

@@ -8,11 +8,11 @@
 #include <string>
 #include <vector>
 
-#include "temp_dir.h"
 #include "kvagent/env.h"
 #include "kvagent/store.h"
 #include "store/store_test_util.h"
 #include "store/tiered_store.h"
+#include "temp_dir.h"
 
 namespace kvagent::testing {
 
