@@ -58,6 +58,13 @@ class KVMemorySystem:
         self.variant = variant
         self.base = base
         self.footprint: dict = {}
+        self.query_cache: dict = {}  # qid -> (suffix ids, {layer: pre-RoPE queries}, seconds), for ablations
+        self.variant_options = [] if base is not None else [parse_variant(v) for v in cfg.kv_variants]
+        if self.variant_options:
+            from kv_agent.index import default_layers
+
+            for o in self.variant_options:
+                o.layers = o.layers if o.layers is not None else default_layers(engine.num_layers)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -108,17 +115,32 @@ class KVMemorySystem:
         from kv_agent.bench.locomo_bench import make_record
 
         cm = self.cm
-        suffix = self._ids(self.template.suffix(q))
         t0 = time.perf_counter()
-        qv = cm._query_q(suffix)
+        cached = self.base.query_cache.get(q.qid) if self.base is not None else None
+        if cached is None:
+            # Queries of every layer the base or an ablation scores, from one forward.
+            suffix = self._ids(self.template.suffix(q))
+            layers = sorted(set(self.index.layers).union(*(v.layers for v in self.variant_options)))
+            qs = self.engine.query_q(suffix, prefix_kv=cm.prefix_kv, layers=layers)
+            query_s = time.perf_counter() - t0
+            self.query_cache[q.qid] = (suffix, qs, query_s)
+        else:
+            suffix, qs, query_s = cached  # the base row's forward: count its time
+        t1 = time.perf_counter()
+        import torch
+
+        qv = torch.stack([qs[i] for i in self.index.layers]).float().contiguous()
         ranked = self.index.search(qv, top_k=max(RECALL_KS), ns=self.conv.sample_id)
         ranked = sorted(ranked, key=lambda h: h.rank)
-        retrieval_s = time.perf_counter() - t0
+        retrieval_s = query_s + time.perf_counter() - t1
         retrieved = []
         for h in ranked:
             d = self.key_to_dia.get(h.key)
             if d is not None and d not in retrieved:
                 retrieved.append(d)
+        if self.base is not None and not self.cfg.variants_answer:  # ablation: retrieval only
+            return make_record(self.name, self.conv, q, "", retrieved, [], 0, 0, 0, retrieval_s, retrieval_s,
+                               retrieval_s, answered=False)
         # Same budget rule as the text baselines: best first while it fits.
         budget, chosen = self.cfg.token_budget, []
         for h in ranked:

@@ -33,6 +33,7 @@ class BenchConfig:
     max_conversations: int = 0  # 0 = all
     max_sessions: int = 0  # keep only the first N sessions and the questions answerable from them (0 = all)
     per_category: int = 0  # questions per category per conversation (0 = all)
+    questions: int = 0  # questions per conversation, stratified round-robin over categories (0 = off)
     categories: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     systems: list[str] = field(default_factory=lambda: list(ALL_SYSTEMS))
     token_budget: int = 512  # context tokens retrieved per question (RAG and kv-memory)
@@ -41,6 +42,8 @@ class BenchConfig:
     out: str = "bench/out/locomo"
     model: str | None = None  # local HF model path; None = default Gemma 3 270M
     kv_variants: list[str] = field(default_factory=list)  # index ablations ("score:norm:agg[:layers]")
+    variants_answer: bool = False  # ablations also generate answers (default: retrieval and recall only)
+    prefill_chunk: int = 2048  # full-context prefill chunk (bounds attention memory on long conversations)
 
 
 def truncate_sessions(conv: Conversation, n: int) -> Conversation:
@@ -56,18 +59,35 @@ def truncate_sessions(conv: Conversation, n: int) -> Conversation:
 
 
 def select_questions(conv: Conversation, cfg: BenchConfig) -> list[Question]:
-    """Stratified sample: up to per_category questions of each wanted category, seeded."""
+    """Stratified sample, seeded: up to ``per_category`` questions of each wanted category, or
+    (``questions``) N per conversation taken round-robin over the categories, so small categories
+    are kept whole and large ones share the rest. Returned in the conversation's order."""
     rng = random.Random(f"{cfg.seed}/{conv.sample_id}")
     by_cat: dict[int, list[Question]] = defaultdict(list)
     for q in conv.questions:
         if q.category in cfg.categories:
             by_cat[q.category].append(q)
     out: list[Question] = []
-    for _, qs in sorted(by_cat.items()):
-        if cfg.per_category and len(qs) > cfg.per_category:
-            qs = rng.sample(qs, cfg.per_category)
-        out.extend(qs)
+    if cfg.questions:
+        pools = {c: rng.sample(qs, len(qs)) for c, qs in sorted(by_cat.items())}
+        while len(out) < cfg.questions and any(pools.values()):
+            for c in sorted(pools):
+                if pools[c] and len(out) < cfg.questions:
+                    out.append(pools[c].pop())
+    else:
+        for _, qs in sorted(by_cat.items()):
+            if cfg.per_category and len(qs) > cfg.per_category:
+                qs = rng.sample(qs, cfg.per_category)
+            out.extend(qs)
     return sorted(out, key=lambda q: int(q.qid.rsplit("q", 1)[1]))
+
+
+def stop_ids(engine, tokenizer) -> list[int]:
+    """End of sequence or end of line: every system answers one line (the template asks for a
+    short phrase and ``clean_answer`` keeps the first line), so decoding stops at the newline."""
+    from kv_agent.models.chat import newline_token_ids
+
+    return sorted(set(engine.default_eos_ids()) | set(newline_token_ids(tokenizer)))
 
 
 class TextSystem:
@@ -76,6 +96,7 @@ class TextSystem:
     def __init__(self, name: str, engine, tokenizer, template: LocomoTemplate, cfg: BenchConfig):
         self.name, self.engine, self.tok, self.template, self.cfg = name, engine, tokenizer, template, cfg
         self.retriever = None
+        self.stop = stop_ids(engine, tokenizer)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -87,11 +108,24 @@ class TextSystem:
         self.line_ids = [self._ids(self.template.line(t)) for t in conv.turns]
         _, self.prefix_cache = self.engine.capture(self.prefix_ids)
         self.full_prefill_s = 0.0
+        self.dropped_turns = 0
         if self.name == "full-context":
+            # Keep the most recent turns that fit the model's context with the question and answer.
+            limit = getattr(self.engine.config, "max_position_embeddings", None) or 1 << 30
+            room = limit - len(self.prefix_ids) - 128 - self.cfg.max_new_tokens
+            first, total = len(self.line_ids), 0
+            while first > 0 and total + len(self.line_ids[first - 1]) <= room:
+                first -= 1
+                total += len(self.line_ids[first])
+            self.first_turn, self.dropped_turns = first, first
             t0 = time.perf_counter()
-            ctx = [i for ids in self.line_ids for i in ids]
-            _, self.full_cache = self.engine.capture(ctx, cache=copy.deepcopy(self.prefix_cache))
+            ctx = [i for ids in self.line_ids[first:] for i in ids]
+            self.full_cache = copy.deepcopy(self.prefix_cache)
+            step = max(1, self.cfg.prefill_chunk)
+            for s in range(0, len(ctx), step):
+                self.engine.prefill(ctx[s:s + step], self.full_cache)
             self.full_prefill_s = time.perf_counter() - t0
+            self.footprint = {"context_tokens": len(ctx), "dropped_turns": first}
         elif self.name in ("rag-minilm", "rag-bm25"):
             from kv_agent.bench.retrievers import make_retriever
 
@@ -118,11 +152,11 @@ class TextSystem:
         if self.name == "full-context":
             cache = copy.deepcopy(self.full_cache)
             new = suffix
-            used_idx = list(range(len(self.conv.turns)))
+            used_idx = list(range(self.first_turn, len(self.conv.turns)))
         else:
             cache = copy.deepcopy(self.prefix_cache)
             new = [i for j in used_idx for i in self.line_ids[j]] + suffix
-        gen = self.engine.generate(new, cache, max_new_tokens=self.cfg.max_new_tokens)
+        gen = self.engine.generate(new, cache, max_new_tokens=self.cfg.max_new_tokens, eos_ids=self.stop)
         ctx_tokens = len(self.prefix_ids) + sum(len(self.line_ids[j]) for j in used_idx) + len(suffix)
         prefill = ctx_tokens - len(self.prefix_ids)  # the instruction prefix is cached for every system
         ttft = retrieval_s + gen.ttft_s + (self.full_prefill_s if self.name == "full-context" else 0.0)
@@ -131,9 +165,11 @@ class TextSystem:
                            ctx_tokens, prefill, 0, retrieval_s, ttft, retrieval_s + gen.total_s)
 
 
-def make_record(system, conv, q, pred, retrieved, used, ctx_tokens, prefill, reused, retrieval_s, ttft, total):
+def make_record(system, conv, q, pred, retrieved, used, ctx_tokens, prefill, reused, retrieval_s, ttft, total,
+                answered: bool = True):
+    score = scoring.score_answer(pred, q.answer, q.category) if answered else float("nan")
     r = Record(system=system, qid=q.qid, conversation=conv.sample_id, category=q.category, question=q.question,
-               answer=q.answer, prediction=pred, score=scoring.score_answer(pred, q.answer, q.category),
+               answer=q.answer, prediction=pred, score=score, answered=answered,
                evidence=list(q.evidence), retrieved=retrieved, used=used, context_tokens=ctx_tokens,
                prefill_tokens=prefill, reused_tokens=reused, retrieval_s=retrieval_s, ttft_s=ttft, total_s=total)
     if retrieved:
@@ -186,11 +222,15 @@ def run(cfg: BenchConfig, progress: bool = True, model_and_tokenizer=None) -> di
             system.prepare(conv)
             ingest[f"{conv.sample_id}/{system.name}"] = {"prepare_s": time.perf_counter() - t0,
                                                          **getattr(system, "footprint", {})}
+            if getattr(system, "full_prefill_s", 0.0):
+                ingest[f"{conv.sample_id}/{system.name}"]["full_prefill_s"] = system.full_prefill_s
             for q in tqdm(questions, desc=f"{conv.sample_id} {system.name}", leave=False, disable=not progress):
                 records.append(system.answer(q))
         for system in reversed(systems):  # variants before the base whose memory they borrow
             if hasattr(system, "close"):
                 system.close()
-    config = dict(cfg.__dict__)
-    extra = {"ingest": ingest, "wall_s": time.perf_counter() - t_start}
-    return write_outputs(Path(cfg.out), config, records, extra)
+        # A checkpoint after every conversation: a long run that dies keeps what it measured.
+        write_outputs(Path(cfg.out), dict(cfg.__dict__), records,
+                            {"ingest": ingest, "wall_s": time.perf_counter() - t_start}, plots=False)
+    return write_outputs(Path(cfg.out), dict(cfg.__dict__), records,
+                         {"ingest": ingest, "wall_s": time.perf_counter() - t_start})

@@ -27,7 +27,7 @@ class Record:
     question: str
     answer: str
     prediction: str
-    score: float
+    score: float  # NaN when not answered
     evidence: list[str]
     retrieved: list[str] = field(default_factory=list)  # dia_ids best first (retrieval systems)
     used: list[str] = field(default_factory=list)  # dia_ids actually placed in the context
@@ -38,6 +38,7 @@ class Record:
     ttft_s: float = 0.0
     total_s: float = 0.0
     recall: dict[str, dict[str, float]] = field(default_factory=dict)  # "@k" -> recall dict
+    answered: bool = True  # False: retrieval-only row (index ablations): recall and timing, no answer
 
 
 def _pct(values, q):
@@ -52,6 +53,17 @@ def aggregate(records: list[Record]) -> dict:
     out = {}
     for sys_name, recs in by_sys.items():
         a: dict = {"questions": len(recs)}
+        for k in RECALL_KS:
+            rs = [r.recall[f"@{k}"] for r in recs if f"@{k}" in r.recall]
+            if rs:
+                a[f"recall@{k}"] = {m: float(np.mean([x[m] for x in rs])) for m in ("recall", "recall_any", "recall_all")}
+        ret = [r.retrieval_s for r in recs]
+        a["retrieval_s_median"], a["retrieval_s_p95"] = _pct(ret, 50), _pct(ret, 95)
+        recs = [r for r in recs if r.answered]
+        a["answered"] = len(recs)
+        if not recs:  # retrieval-only ablation row
+            out[sys_name] = a
+            continue
         cats = defaultdict(list)
         for r in recs:
             cats[r.category].append(r.score)
@@ -69,19 +81,15 @@ def aggregate(records: list[Record]) -> dict:
         a["reused_tokens_mean"] = float(np.mean([r.reused_tokens for r in recs]))
         ctx = sum(r.context_tokens for r in recs)
         a["cache_hit_rate"] = (sum(r.reused_tokens for r in recs) / ctx) if ctx else 0.0
-        for key in ("ttft_s", "total_s", "retrieval_s"):
+        for key in ("ttft_s", "total_s"):
             vals = [getattr(r, key) for r in recs]
             a[f"{key}_median"] = _pct(vals, 50)
             a[f"{key}_p95"] = _pct(vals, 95)
-        for k in RECALL_KS:
-            rs = [r.recall[f"@{k}"] for r in recs if f"@{k}" in r.recall]
-            if rs:
-                a[f"recall@{k}"] = {m: float(np.mean([x[m] for x in rs])) for m in ("recall", "recall_any", "recall_all")}
         out[sys_name] = a
     # Reduction factors of every system's prefill relative to the baselines.
     for a in out.values():
         for base in ("full-context", "rag-minilm", "rag-bm25"):
-            if base in out and a["prefill_tokens_mean"] > 0:
+            if base in out and a.get("prefill_tokens_mean", 0) > 0 and "prefill_tokens_mean" in out[base]:
                 a[f"prefill_reduction_vs_{base}"] = out[base]["prefill_tokens_mean"] / a["prefill_tokens_mean"]
     return out
 
@@ -130,6 +138,8 @@ def markdown_table(agg: dict) -> str:
         return "-" if x != x else f"{100 * x:.1f}"  # NaN: no question of that kind
 
     for name, a in agg.items():
+        if not a.get("answered"):
+            continue  # retrieval-only rows are in ablation_table
         f1c = [pct(a["f1_by_category"].get(c, float("nan"))) for c in cats]
         rec = [f"{100 * a[f'recall@{k}']['recall']:.1f}" if f"recall@{k}" in a else "-" for k in RECALL_KS]
         lines.append(
@@ -138,6 +148,25 @@ def markdown_table(agg: dict) -> str:
             + f" | {a['prefill_tokens_mean']:.0f} / {a['prefill_tokens_p95']:.0f} | {a['reused_tokens_mean']:.0f}"
             + f" | {a['ttft_s_median']:.3f} | {a['total_s_median']:.3f} | " + " | ".join(rec) + " |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def ablation_table(agg: dict) -> str:
+    """Retrieval rows (kv-memory and its index variants, and the RAG baselines for reference):
+    evidence recall@k (fractional / any / all) and retrieval time; F1 where the row answered."""
+    rows = {n: a for n, a in agg.items() if "recall@5" in a}
+    if not rows:
+        return ""
+    head = " | ".join(f"recall@{k} (frac / any / all)" for k in RECALL_KS)
+    lines = [f"| retrieval | {head} | retrieval median ms | F1 cat 1-4 |", "|---|" + "---|" * (len(RECALL_KS) + 2)]
+    for name, a in rows.items():
+        cells = []
+        for k in RECALL_KS:
+            r = a.get(f"recall@{k}")
+            cells.append("-" if r is None else " / ".join(f"{100 * r[m]:.1f}" for m in ("recall", "recall_any", "recall_all")))
+        f1 = a.get("f1_cat1_4", float("nan"))
+        f1s = "-" if f1 != f1 else f"{100 * f1:.1f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {1000 * a['retrieval_s_median']:.1f} | {f1s} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,6 +179,8 @@ def plot(agg: dict, out_dir: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, a in agg.items():
+        if not a.get("answered"):
+            continue
         ax.scatter(max(a["prefill_tokens_mean"], 1), 100 * a["f1_cat1_4"], s=60)
         ax.annotate(name, (max(a["prefill_tokens_mean"], 1), 100 * a["f1_cat1_4"]), textcoords="offset points",
                     xytext=(5, 5))
@@ -184,7 +215,15 @@ def plot(agg: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(out_dir: Path, config: dict, records: list[Record], extra: dict | None = None) -> dict:
+def _record_json(r: Record) -> dict:
+    d = asdict(r)
+    if not r.answered:
+        d["score"] = None  # JSON has no NaN
+    return d
+
+
+def write_outputs(out_dir: Path, config: dict, records: list[Record], extra: dict | None = None,
+                  plots: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     agg = aggregate(records)
     doc = {
@@ -193,7 +232,7 @@ def write_outputs(out_dir: Path, config: dict, records: list[Record], extra: dic
         "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "aggregates": agg,
-        "records": [asdict(r) for r in records],
+        "records": [_record_json(r) for r in records],
     }
     if extra:
         doc.update(extra)
@@ -201,5 +240,8 @@ def write_outputs(out_dir: Path, config: dict, records: list[Record], extra: dic
         json.dump(doc, f, indent=1)
     with open(out_dir / "locomo.md", "w") as f:
         f.write(markdown_table(agg))
-    doc["plots"] = [str(p) for p in plot(agg, out_dir)]
+        abl = ablation_table(agg)
+        if abl:
+            f.write("\n" + abl)
+    doc["plots"] = [str(p) for p in plot(agg, out_dir)] if plots else []
     return doc
