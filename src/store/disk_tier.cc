@@ -39,6 +39,8 @@ DiskTierImpl::~DiskTierImpl() {
     if (opts_.sync) active_->Sync().IgnoreError();
     active_->Close().IgnoreError();
   }
+  // Rows for unsynced records are harmless: Open checks every row against the files.
+  if (catalog_) FlushCatalogLocked();
 }
 
 std::string DiskTierImpl::FilePath(uint64_t file_no) const {
@@ -182,18 +184,28 @@ void DiskTierImpl::EvictLocked(const Hash128& keep) {
   CommitCatalogLocked({}, victims);
 }
 
-void DiskTierImpl::CommitCatalogLocked(const std::vector<Hash128>& upserts, const std::vector<Hash128>& removes) {
+void DiskTierImpl::CommitCatalogLocked(const std::vector<Hash128>& upserts, const std::vector<Hash128>& removes,
+                                       uint64_t bytes) {
+  catalog_dirty_.insert(removes.begin(), removes.end());
+  catalog_dirty_.insert(upserts.begin(), upserts.end());
+  catalog_dirty_bytes_ += bytes;
+  if (opts_.sync || catalog_dirty_.size() >= kCatalogBatchRecords || catalog_dirty_bytes_ >= kCatalogBatchBytes)
+    FlushCatalogLocked();
+}
+
+void DiskTierImpl::FlushCatalogLocked() {
   if (!catalog_ok_) {
     pending_ends_.clear();
+    catalog_dirty_.clear();
+    catalog_dirty_bytes_ = 0;
     return;
   }
+  if (catalog_dirty_.empty() && pending_ends_.empty()) return;
   Status s = catalog_->Begin();
-  for (const auto& k : removes)
-    if (s.ok()) s = catalog_->Remove(k);
-  for (const auto& k : upserts) {
+  for (const auto& k : catalog_dirty_) {
     if (!s.ok()) break;
     auto it = index_.find(k);
-    if (it != index_.end()) s = catalog_->Upsert(CatalogEntry{it->second.loc, it->second.info});
+    s = it != index_.end() ? catalog_->Upsert(CatalogEntry{it->second.loc, it->second.info}) : catalog_->Remove(k);
   }
   for (const auto& [no, end] : pending_ends_)
     if (s.ok()) s = catalog_->SetFileEnd(no, end);
@@ -203,6 +215,8 @@ void DiskTierImpl::CommitCatalogLocked(const std::vector<Hash128>& upserts, cons
     catalog_ok_ = false;
   }
   pending_ends_.clear();
+  catalog_dirty_.clear();
+  catalog_dirty_bytes_ = 0;
 }
 
 Status DiskTierImpl::Put(const Segment& segment) {
@@ -234,7 +248,7 @@ Status DiskTierImpl::Put(const Segment& segment) {
   loc.codec = codec;
   InsertLocked(segment.key, loc, info);
   ++puts_;
-  CommitCatalogLocked({segment.key}, {});
+  CommitCatalogLocked({segment.key}, {}, record_len);
   EvictLocked(segment.key);
   MaybeAutoCompactLocked();
   return Status::Ok();
@@ -386,8 +400,10 @@ std::vector<SegmentInfo> DiskTierImpl::List(const SegmentFilter& filter) {
 
 Status DiskTierImpl::Sync() {
   std::lock_guard<std::mutex> l(mu_);
-  if (!active_) return Status::Ok();
-  return active_->Sync();
+  Status s = active_ ? active_->Sync() : Status::Ok();
+  // After the data: a committed row never points at bytes that are not durable.
+  if (s.ok()) FlushCatalogLocked();
+  return s;
 }
 
 TierStats DiskTierImpl::Stats() {

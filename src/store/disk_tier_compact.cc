@@ -29,6 +29,7 @@ StatusOr<CompactReport> DiskTierImpl::CompactLocked(const ProgressFn& progress) 
     active_no_ = 0;
     KVAGENT_RETURN_IF_ERROR(s);
   }
+  FlushCatalogLocked();  // batched rows first, so the switch below starts from a current catalog
 
   std::vector<std::pair<Hash128, RecordLocation>> live;
   live.reserve(index_.size());

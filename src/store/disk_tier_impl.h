@@ -9,6 +9,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "kvagent/disk_tier.h"
@@ -77,9 +78,16 @@ class DiskTierImpl final : public DiskTier {
   void EraseLocked(const Hash128& key);
   // Evicts least recently used records until live bytes fit the capacity.
   void EvictLocked(const Hash128& keep);
-  // Persists pending catalog changes in one transaction; on failure the catalog is left
+  // Records catalog changes for `upserts` (rows from the index) and `removes`. With
+  // options.sync they are committed at once; without, they are batched (see
+  // FlushCatalogLocked) because the segment files, not the catalog, are the source of truth:
+  // Open rescans every file past the catalog's known end, so a row not yet committed only
+  // costs a longer scan. `bytes` is the record bytes the change covers.
+  void CommitCatalogLocked(const std::vector<Hash128>& upserts, const std::vector<Hash128>& removes,
+                           uint64_t bytes = 0);
+  // Persists every pending catalog change in one transaction; on failure the catalog is left
   // behind (the next Open rescans) and stops being updated for this session.
-  void CommitCatalogLocked(const std::vector<Hash128>& upserts, const std::vector<Hash128>& removes);
+  void FlushCatalogLocked();
   void MaybeAutoCompactLocked();
   StatusOr<CompactReport> CompactLocked(const ProgressFn& progress);
 
@@ -102,6 +110,12 @@ class DiskTierImpl final : public DiskTier {
   bool catalog_ok_ = true;
   std::map<uint64_t, FileInfo> files_;
   std::map<uint64_t, uint64_t> pending_ends_;  // files appended to since the last catalog commit
+  // Keys whose catalog row is stale (upsert if indexed, else remove) and the record bytes
+  // written since the last catalog commit. Bounded so the rescan at Open stays short.
+  std::unordered_set<Hash128, Hash128Hasher> catalog_dirty_;
+  uint64_t catalog_dirty_bytes_ = 0;
+  static constexpr size_t kCatalogBatchRecords = 512;
+  static constexpr uint64_t kCatalogBatchBytes = 256ull << 20;
   std::unique_ptr<WritableFile> active_;
   uint64_t active_no_ = 0;  // 0: no file open for appending
   uint64_t next_file_no_ = 1;
