@@ -11,8 +11,10 @@
 // last handle drops, to a pool of idle buffers keyed by exact size, and are reused by the next
 // copy of that size. Fresh allocations of large buffers cost page faults (and pinned
 // allocations cost far more), which otherwise halve Put throughput at steady-state eviction.
-// Idle pooled bytes are bounded by PoolLimit(capacity) = min(capacity / 8, 256 MiB) (256 MiB
-// when unbounded), oldest dropped first; they are reported by pooled_bytes(), not in stats().bytes.
+// Idle pooled bytes are bounded by PoolLimit(capacity) = min(capacity, max(capacity / 8,
+// 64 MiB), 256 MiB) (256 MiB when unbounded): at least a few large segments' buffers (the
+// write-behind queue and eviction recycle them) without exceeding the capacity itself. Oldest
+// dropped first; they are reported by pooled_bytes(), not in stats().bytes.
 //
 // Accounting: a segment is charged ChargeOf(segment) bytes (payload + token ids + positions +
 // summary + metadata strings). stats().bytes is the sum of charges of the segments the tier

@@ -10,6 +10,7 @@ namespace kvagent {
 namespace {
 constexpr size_t kMinPooledBytes = 64 << 10;  // smaller blocks are cheap for malloc to recycle
 constexpr uint64_t kMaxPoolBytes = 256ull << 20;
+constexpr uint64_t kMinPoolBytes = 64ull << 20;  // a few 16 MiB segments even in a small tier
 }  // namespace
 
 // Idle buffers by exact size, oldest first. Lent buffers are Buffer::Wrap views of a pooled
@@ -80,7 +81,8 @@ HostTier::HostTier(uint64_t capacity_bytes)
     : capacity_(capacity_bytes), pool_(std::make_shared<BufferPool>(PoolLimit(capacity_bytes))) {}
 
 uint64_t HostTier::PoolLimit(uint64_t capacity_bytes) {
-  return capacity_bytes == 0 ? kMaxPoolBytes : std::min<uint64_t>(capacity_bytes / 8, kMaxPoolBytes);
+  if (capacity_bytes == 0) return kMaxPoolBytes;
+  return std::min({capacity_bytes, std::max<uint64_t>(capacity_bytes / 8, kMinPoolBytes), kMaxPoolBytes});
 }
 
 uint64_t HostTier::pooled_bytes() const { return pool_->bytes(); }
