@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--segment-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--index-layers", default="",
+                    help="layers the index scores, e.g. '0-7' (default: 8 evenly spaced); the query-Q forward "
+                         "stops after the last one, so early layers make it cheaper")
     ap.add_argument("--tiny", action="store_true", help="tiny random model on any device (plumbing check)")
     ap.add_argument("--skip-offloaded", action="store_true")
     ap.add_argument("--out", default="bench/out/gpu_ttft")
@@ -134,7 +137,12 @@ def main(argv=None) -> int:
         host = torch.empty((nseg, L, 2, Hkv, S, D), dtype=dtype, pin_memory=dev.type == "cuda")
         for i in range(nseg):  # random KV drawn on the device (fast), kept in pinned host memory
             host[i].copy_(torch.randn((L, 2, Hkv, S, D), device=dev, dtype=dtype))
-        index = kvindex.LatentIndex(spec)
+        if args.index_layers:
+            from kv_agent.bench.kv_system import parse_variant
+
+            index = kvindex.LatentIndex(spec, parse_variant(f"mean:softmax:max:{args.index_layers}"))
+        else:
+            index = kvindex.LatentIndex(spec)
         layers = list(index.layers)
         t_sum = time.perf_counter()
         for i in range(nseg):
@@ -221,7 +229,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": gpu_name, "torch": torch.__version__, "dtype": str(dtype), "h2d_pinned_gbs": h2d_gbs,
             "kv_bytes_per_token": bytes_per_token, "weights": "random (timing only)", "tiny": args.tiny,
-            "date": time.strftime("%Y-%m-%d"), "budget": B, "segment_tokens": S}
+            "date": time.strftime("%Y-%m-%d"), "budget": B, "segment_tokens": S,
+            "index_layers": args.index_layers or "default"}
     (out / "gpu_ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     hdr = ("| history | full recompute s | offloaded cache s | kv-memory TTFT s | speedup | query-Q ms | search ms "
            "| load ms (GB/s) | rotate ms | prefill ms |\n|---|---|---|---|---|---|---|---|---|---|\n")
