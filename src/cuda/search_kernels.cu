@@ -13,8 +13,9 @@ namespace {
 // reads its rows straight from global memory (every element is used by exactly one thread) and
 // the query tile from shared memory, where a warp's reads of one (k, 4 queries) are a broadcast:
 // 3 * 32 FMAs per 8 shared-memory loads, no shared memory for the rows. On an H200 this runs at
-// about 28 TFLOP/s (f32 FMA); the broadcast loads, not HBM, bound it. 2 rows per thread were
-// 12% slower, 4 (222 registers) no faster; prefetching the next row vector made no difference.
+// about 28 TFLOP/s (f32 FMA), far from HBM-bound, likely limited by the broadcast loads (not
+// profiled): 2 rows per thread were 12% slower, 4 (222 registers) no faster, and prefetching the
+// next row vector made no difference.
 constexpr int kDotThreads = 128;
 constexpr int kDotRowsPerThread = kDotRowTile / kDotThreads;
 constexpr int kDotKTile = 64;  // query elements staged per pass over the width
