@@ -10,12 +10,12 @@ BUNDLE=build-gpubundle
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVAGENT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_BUILD_PYTHON=OFF
 cmake --build "$BUILD" -j"${JOBS:-2}" --target core_test cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test \
-  cuda_index_test cuda_kv_bench
+  cuda_index_test cuda_kv_bench cuda_index_bench
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/lib"
 cp "$BUILD"/tests/cpp/core/core_test "$BUILD"/tests/cpp/cuda/cuda_nodevice_test "$BUILD"/tests/cpp/cuda/cuda_kv_move_test \
   "$BUILD"/tests/cpp/cuda/cuda_device_tier_test "$BUILD"/tests/cpp/cuda/bench_cuda/cuda_kv_bench \
-  "$BUILD"/tests/cpp/cuda_index/cuda_index_test "$BUNDLE"/
+  "$BUILD"/tests/cpp/cuda/bench_cuda/cuda_index_bench "$BUILD"/tests/cpp/cuda_index/cuda_index_test "$BUNDLE"/
 # The Python extension for the GPU image's Python (3.12 there), for the end-to-end TTFT benchmark
 # (python -m kv_agent.bench.gpu_ttft); PY312 names a Python 3.12 with nanobind installed.
 if [ -n "${PY312:-}" ]; then

@@ -4,7 +4,8 @@
 # Uses prebuilt binaries from build-gpubundle/ (made by scripts/gpu_prebuild.sh on the CPU machine
 # and carried along) when present; otherwise configures and builds here (Release, sm_90), which
 # needs GTest, SQLite and xxHash development files on this machine. Then runs the CUDA unit and
-# gpu tests and the KV benchmark; logs and the CSV go to $OUT (default ./out/gpu).
+# gpu tests, the KV benchmark and the index search benchmark; logs and CSVs go to $OUT (default
+# ./out/gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu}
@@ -30,7 +31,7 @@ else
   (cmake -S . -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVAGENT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
      -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_BUILD_PYTHON=OFF &&
    cmake --build $BUILD -j"$(nproc)" --target core_test cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test \
-     cuda_index_test cuda_kv_bench) > "$OUT/build.log" 2>&1
+     cuda_index_test cuda_kv_bench cuda_index_bench) > "$OUT/build.log" 2>&1
   rc=$?
   tail -20 "$OUT/build.log"
   if [ $rc -ne 0 ]; then
@@ -41,7 +42,7 @@ else
   mkdir -p $BIN
   cp $BUILD/tests/cpp/core/core_test $BUILD/tests/cpp/cuda/cuda_nodevice_test $BUILD/tests/cpp/cuda/cuda_kv_move_test \
     $BUILD/tests/cpp/cuda/cuda_device_tier_test $BUILD/tests/cpp/cuda/bench_cuda/cuda_kv_bench \
-    $BUILD/tests/cpp/cuda_index/cuda_index_test $BIN/
+    $BUILD/tests/cpp/cuda/bench_cuda/cuda_index_bench $BUILD/tests/cpp/cuda_index/cuda_index_test $BIN/
 fi
 
 : > "$OUT/tests.log"
@@ -58,16 +59,27 @@ for t in cuda_nodevice_test cuda_kv_move_test cuda_device_tier_test cuda_index_t
   [ $rc -ne 0 ] && status=1
 done
 
-echo "=== cuda_kv_bench" | tee "$OUT/bench.log"
-timeout 300 "$BIN/cuda_kv_bench" --csv "$OUT/cuda_kv_bench.csv" >> "$OUT/bench.log" 2>&1
-rc=$?
-echo "=== cuda_kv_bench rc=$rc" >> "$OUT/bench.log"
-[ $rc -ne 0 ] && status=1
+: > "$OUT/bench.log"
+for b in cuda_kv_bench cuda_index_bench; do
+  echo "=== $b" | tee -a "$OUT/bench.log"
+  if [ -x "$BIN/$b" ]; then
+    timeout 300 "$BIN/$b" --csv "$OUT/$b.csv" > "$OUT/$b.log" 2>&1
+    rc=$?
+  else
+    echo "$BIN/$b missing (rebuild the bundle with scripts/gpu_prebuild.sh)" > "$OUT/$b.log"
+    rc=127
+  fi
+  cat "$OUT/$b.log" >> "$OUT/bench.log"
+  echo "=== $b rc=$rc" >> "$OUT/bench.log"
+  [ $rc -ne 0 ] && status=1
+done
 
 echo
 echo "---- tests"
 printf '%s' "$summary"
-echo "---- benchmark"
-tail -25 "$OUT/bench.log"
+echo "---- benchmarks"
+tail -22 "$OUT/cuda_kv_bench.log"
+echo "---- cuda_index_bench"
+tail -16 "$OUT/cuda_index_bench.log"
 echo "gpu_run status: $status"
 exit $status

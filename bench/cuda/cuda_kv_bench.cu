@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_harness.cuh"
 #include "kvagent/cuda_kv.h"
 #include "kvagent/device_tier.h"
 #include "kvagent/dtype.h"
@@ -30,22 +31,7 @@ namespace {
 using kvagent::DType;
 namespace kc = kvagent::cuda;
 
-#define CK(expr)                                                                                 \
-  do {                                                                                           \
-    cudaError_t e_ = (expr);                                                                     \
-    if (e_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                              \
-    }                                                                                            \
-  } while (0)
-#define SK(expr)                                                                                \
-  do {                                                                                          \
-    kvagent::Status s_ = (expr);                                                                \
-    if (!s_.ok()) {                                                                             \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, s_.ToString().c_str()); \
-      std::exit(2);                                                                             \
-    }                                                                                           \
-  } while (0)
+using kvagent::bench::MedianMs;
 
 constexpr int kL = 32, kH = 8, kD = 128, kBlock = 16;
 constexpr size_t kBytesPerToken = size_t{kL} * 2 * kH * kD * 2;
@@ -69,37 +55,6 @@ __global__ void Checksum(const uint64_t* p, size_t n, unsigned long long* out) {
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     acc += p[i] * (2 * i + 1);
   atomicAdd(out, acc);
-}
-
-struct Timer {
-  cudaEvent_t a, b;
-  Timer() {
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-  }
-  ~Timer() {
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-  }
-};
-
-template <typename F>
-double MedianMs(cudaStream_t s, int warmup, int reps, F&& body) {
-  Timer t;
-  for (int i = 0; i < warmup; ++i) body();
-  CK(cudaStreamSynchronize(s));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaEventRecord(t.a, s));
-    body();
-    CK(cudaEventRecord(t.b, s));
-    CK(cudaEventSynchronize(t.b));
-    float m = 0;
-    CK(cudaEventElapsedTime(&m, t.a, t.b));
-    ms.push_back(m);
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
 }
 
 struct Row {
@@ -138,14 +93,9 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  SK(kc::CheckDevice());
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  int drv = 0, rt = 0;
-  CK(cudaDriverGetVersion(&drv));
-  CK(cudaRuntimeGetVersion(&rt));
-  std::printf("device: %s, %d SMs, %.0f MB L2, driver %d, runtime %d\n", prop.name, prop.multiProcessorCount,
-              prop.l2CacheSize / 1e6, drv, rt);
+  const kvagent::bench::DeviceInfo dev = kvagent::bench::DescribeDevice();
+  const cudaDeviceProp& prop = dev.prop;
+  const int drv = dev.driver, rt = dev.runtime;
   std::printf("shape: %d layers x %d kv heads x dim %d, bf16, %zu bytes/token, paged block %d\n", kL, kH, kD,
               kBytesPerToken, kBlock);
 

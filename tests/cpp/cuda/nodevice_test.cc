@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
+#include "cuda/index_search.h"
 #include "kvagent/cuda_kv.h"
 #include "kvagent/device_tier.h"
 #include "kvagent/segment.h"
@@ -225,6 +227,65 @@ TEST(RopeDeviceTable, TableErrorsBeforeDeviceUse) {
   EXPECT_EQ(RopeDeviceTable::Create(std::vector<RopeTable>{}, 64).status().code(), StatusCode::kInvalidArgument);
   auto good = RopeDeviceTable::Create({ok, RopeTable{}}, 64);  // a NoPE layer is fine
   EXPECT_EQ(good.ok(), DeviceAvailable()) << good.status().ToString();
+}
+
+TEST(CudaIndexSearch, ArgumentErrorsBeforeDeviceUse) {
+  float* fake = reinterpret_cast<float*>(uintptr_t{1} << 20);
+  int32_t* fake_rows = reinterpret_cast<int32_t*>(fake);
+  RowSearch s{fake, true, 10, 2, 8, fake, 3, TokenNorm::kSoftmax, Aggregation::kMax, 5};
+  ASSERT_TRUE(SearchRowsWorkspaceBytes(s).ok());
+  const size_t need = *SearchRowsWorkspaceBytes(s);
+  EXPECT_GE(need, 10u * 2 * 3 * sizeof(float));
+  using Mutation = void (*)(RowSearch&);
+  const std::pair<Mutation, StatusCode> cases[] = {
+      {[](RowSearch& t) { t.blocks = 0; }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.blocks = 65536; }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.width = 0; }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.nq = 0; }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.top_k = 0; }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.top_k = kMaxSearchTopK + 1; }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.num_rows = size_t{1} << 31; }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.norm = static_cast<TokenNorm>(7); }, StatusCode::kInvalidArgument},
+      {[](RowSearch& t) { t.agg = Aggregation::kTopP; }, StatusCode::kUnimplemented},
+  };
+  for (const auto& [mutate, want] : cases) {
+    RowSearch t = s;
+    mutate(t);
+    EXPECT_EQ(SearchRowsWorkspaceBytes(t).status().code(), want);
+    EXPECT_EQ(SearchRows(t, fake, need, fake, fake_rows, nullptr).code(), want);
+  }
+  EXPECT_EQ(SearchRows(s, fake, need - 1, fake, fake_rows, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SearchRows(s, reinterpret_cast<char*>(fake) + 8, need, fake, fake_rows, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(SearchRows(s, fake, need, nullptr, fake_rows, nullptr).code(), StatusCode::kInvalidArgument);
+  RowSearch t = s;
+  t.rows = nullptr;
+  EXPECT_EQ(SearchRows(t, fake, need, fake, fake_rows, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ScoreVotes(reinterpret_cast<char*>(fake) + 1, true, 4, 1, 8, fake, 1, fake, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(ScoreVotes(fake, true, 4, 1, 8, fake, 0, fake, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(VoteStats(fake, 4, 0, TokenNorm::kSoftmax, fake, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(AggregateVotes(fake, 4, 3, TokenNorm::kSoftmax, Aggregation::kMax, nullptr, fake, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(AggregateVotes(fake, 4, 3, TokenNorm::kNone, Aggregation::kTopP, nullptr, fake, nullptr).code(),
+            StatusCode::kUnimplemented);
+  EXPECT_EQ(TopKRows(fake, 4, 0, fake, 1 << 20, fake, fake_rows, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(TopKRows(fake, 5000, 8, fake, TopKWorkspaceBytes(5000, 8) - 1, fake, fake_rows, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  // Nothing to do is fine and touches nothing.
+  t = s;
+  t.num_rows = 0;
+  EXPECT_EQ(*SearchRowsWorkspaceBytes(t), 0u);
+  EXPECT_TRUE(SearchRows(t, nullptr, 0, nullptr, nullptr, nullptr).ok());
+  EXPECT_TRUE(VoteStats(fake, 4, 3, TokenNorm::kNone, nullptr, nullptr).ok());  // kNone has no statistics
+  if (DeviceAvailable()) return;  // the fake pointers below would reach a kernel
+  EXPECT_EQ(SearchRows(s, fake, need, fake, fake_rows, nullptr).code(), StatusCode::kUnavailable);
+  EXPECT_EQ(ScoreVotes(fake, true, 4, 1, 8, fake, 1, fake, nullptr).code(), StatusCode::kUnavailable);
+  EXPECT_EQ(VoteStats(fake, 4, 3, TokenNorm::kZScore, fake, nullptr).code(), StatusCode::kUnavailable);
+  EXPECT_EQ(AggregateVotes(fake, 4, 3, TokenNorm::kNone, Aggregation::kMean, nullptr, fake, nullptr).code(),
+            StatusCode::kUnavailable);
+  EXPECT_EQ(TopKRows(fake, 4, 2, fake, TopKWorkspaceBytes(4, 2), fake, fake_rows, nullptr).code(),
+            StatusCode::kUnavailable);
 }
 
 TEST(DeviceTier, OptionErrors) {
