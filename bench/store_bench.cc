@@ -180,8 +180,16 @@ void BM_DiskSeqWrite(benchmark::State& state) {
 }
 
 void BM_DiskSeqRead(benchmark::State& state) {
-  const std::string path = BenchDir() + "/kvagent-bench-seq";  // written by BM_DiskSeqWrite
-  std::vector<std::byte> chunk(1 << 20);
+  const std::string path = BenchDir() + "/kvagent-bench-seq";  // left by BM_DiskSeqWrite, else written here
+  std::vector<std::byte> chunk(1 << 20, std::byte{0x5a});
+  if (!std::filesystem::exists(path)) {  // e.g. a second repetition: the previous one removed it
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) std::abort();
+    for (size_t off = 0; off < kWorkingSet; off += chunk.size())
+      if (::pwrite(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size()))
+        std::abort();
+    ::close(fd);
+  }
   for (auto _ : state) {
     DropCache(path);
     int fd = ::open(path.c_str(), O_RDONLY);
