@@ -117,3 +117,32 @@ def test_full_context_keeps_the_latest_turns_that_fit(tmp_path):
     assert all(r["context_tokens"] <= 560 for r in full)
     # variants_answer: the ablation row answers too.
     assert all(r["answered"] for r in doc["records"])
+
+
+def test_merge_runs_over_disjoint_conversations(tmp_path):
+    import copy as _copy
+
+    from kv_agent.bench.report import merge_runs
+
+    torch.set_grad_enabled(False)
+    data = synthetic_locomo(tmp_path)
+    a = tmp_path / "a"
+    doc = run(BenchConfig(locomo=str(data), systems=["no-memory", "kv-memory"], token_budget=40, max_new_tokens=3,
+                          out=str(a), kv_variants=["mean:zscore:max"]),
+              progress=False, model_and_tokenizer=(tiny_llama(seed=5), ByteTokenizer()))
+    # A second "run" over another conversation: the same records under another conversation id.
+    other = _copy.deepcopy(json.loads((a / "locomo.json").read_text()))
+    for r in other["records"]:
+        r["conversation"], r["qid"] = "conv-u", r["qid"].replace("conv-t", "conv-u")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "locomo.json").write_text(json.dumps(other))
+    merged = merge_runs([a / "locomo.json", tmp_path / "b" / "locomo.json"], tmp_path / "m")
+    assert len(merged["records"]) == 2 * len(doc["records"])
+    assert merged["aggregates"]["kv-memory"]["questions"] == 2 * doc["aggregates"]["kv-memory"]["questions"]
+    assert merged["config"]["conversations"] == ["conv-t", "conv-u"] and len(merged["merged_from"]) == 2
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_runs([a / "locomo.json", a / "locomo.json"], tmp_path / "m2")
+    other["config"]["token_budget"] = 99
+    (tmp_path / "b" / "locomo.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="token_budget"):
+        merge_runs([a / "locomo.json", tmp_path / "b" / "locomo.json"], tmp_path / "m3")

@@ -245,3 +245,44 @@ def write_outputs(out_dir: Path, config: dict, records: list[Record], extra: dic
             f.write("\n" + abl)
     doc["plots"] = [str(p) for p in plot(agg, out_dir)] if plots else []
     return doc
+
+
+def load_records(doc: dict) -> list[Record]:
+    """Records of a saved locomo.json (scores of retrieval-only rows come back as NaN)."""
+    out = []
+    for d in doc["records"]:
+        d = dict(d)
+        if d.get("score") is None:
+            d["score"] = float("nan")
+        out.append(Record(**d))
+    return out
+
+
+def merge_runs(paths: list[Path], out_dir: Path) -> dict:
+    """Combines runs over disjoint conversations (e.g. run in parallel processes) into one
+    report. Refuses runs whose configurations differ other than in conversations/out, or that
+    repeat a (system, question)."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    ignore = {"conversations", "out", "max_conversations"}
+    base = {k: v for k, v in docs[0]["config"].items() if k not in ignore}
+    for p, d in zip(paths, docs):
+        other = {k: v for k, v in d["config"].items() if k not in ignore}
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise ValueError(f"{p}: configuration differs from {paths[0]} in {diff}")
+    records: list[Record] = []
+    seen: set = set()
+    ingest: dict = {}
+    for p, d in zip(paths, docs):
+        for r in load_records(d):
+            if (r.system, r.qid) in seen:
+                raise ValueError(f"{p}: {r.system} {r.qid} appears in more than one run")
+            seen.add((r.system, r.qid))
+            records.append(r)
+        ingest.update(d.get("ingest", {}))
+    config = dict(docs[0]["config"])
+    config["conversations"] = sorted({r.conversation for r in records})
+    extra = {"ingest": ingest, "wall_s": sum(d.get("wall_s", 0.0) for d in docs),
+             "merged_from": [{"path": str(p), "git_commit": d.get("git_commit"), "date": d.get("date"),
+                              "wall_s": d.get("wall_s"), "machine": d.get("machine")} for p, d in zip(paths, docs)]}
+    return write_outputs(Path(out_dir), config, records, extra)

@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/locomo")
     p.set_defaults(func=_locomo)
+    m = bsub.add_parser("merge", help="combine LoCoMo runs over disjoint conversations into one report")
+    m.add_argument("runs", nargs="+", help="locomo.json files (or their directories)")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=_merge)
 
 
 def _split(s: str) -> list[str]:
@@ -48,4 +52,17 @@ def _locomo(args: argparse.Namespace) -> int:
     print(markdown_table(doc["aggregates"]))
     print(ablation_table(doc["aggregates"]))
     print(f"wrote {args.out}/locomo.json, locomo.md and plots ({doc['wall_s']:.0f} s)")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kv_agent.bench.report import ablation_table, markdown_table, merge_runs
+
+    paths = [Path(r) / "locomo.json" if Path(r).is_dir() else Path(r) for r in args.runs]
+    doc = merge_runs(paths, Path(args.out))
+    print(markdown_table(doc["aggregates"]))
+    print(ablation_table(doc["aggregates"]))
+    print(f"wrote {args.out}/locomo.json, locomo.md and plots ({len(doc['records'])} records)")
     return 0
