@@ -302,13 +302,11 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
   const size_t wbytes = static_cast<size_t>(W) * DTypeSize(options_.storage);
   const bool prefilter_on = pre_rows_ != nullptr && !req.exact && req.top_k > 0;
   std::vector<float> pq;
-  std::vector<size_t> pq_offsets;
   if (prefilter_on) {
     for (int slot : prefilter_slots_) {
       for (int g = 0; g < G; ++g) {
         (void)pool(slot, g * gs, (g + 1) * gs, 0, T, v.data());  // finite: the chunk means were
         pq.insert(pq.end(), v.begin(), v.end());
-        pq_offsets.push_back(pq_offsets.size() * D * DTypeSize(options_.storage));
       }
     }
   }
@@ -343,8 +341,8 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
       keep + sample < cand.size() - num_pinned) {
     std::vector<const std::byte*> rows(cand.size());
     for (size_t i = 0; i < cand.size(); ++i) rows[i] = pre_rows_->Row(cand[i]);
-    const std::vector<float> proxy =
-        index_internal::ProxyScores(rows, pq_offsets, f16, pq.data(), D, threads_for(cand.size()));
+    const std::vector<float> proxy = index_internal::ProxyScores(rows, static_cast<int>(prefilter_slots_.size()) * G,
+                                                                 f16, pq.data(), D, threads_for(cand.size()));
     index_internal::RescoreRows chosen = index_internal::ChooseRows(proxy, cand_pinned, keep, sample);
     std::vector<size_t> sub(chosen.rows.size());
     std::vector<char> sub_pinned(chosen.rows.size());

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 
 #include "index/moments.h"
 #include "index/parallel_for.h"
@@ -10,21 +11,24 @@
 
 namespace kvagent::index_internal {
 
-std::vector<float> ProxyScores(std::span<const std::byte* const> rows, std::span<const size_t> offsets, bool f16,
-                               const float* q, int w, int threads) {
+std::vector<float> ProxyScores(std::span<const std::byte* const> rows, int nblocks, bool f16, const float* q, int w,
+                               int threads) {
   const size_t S = rows.size();
-  const size_t B = offsets.size();
-  std::vector<float> p(S * B);
+  const size_t B = nblocks;
+  std::unique_ptr<float[]> p(new float[S * B]);  // every element is written below
   std::vector<std::vector<double>> t_sum(threads, std::vector<double>(B, 0.0));
   std::vector<std::vector<double>> t_sq(threads, std::vector<double>(B, 0.0));
   const auto dot = SelectDotRows(w);
+  // One row at a time, blocks in order: the sweep is bound by memory bandwidth, and a sequential
+  // read keeps the hardware prefetcher streaming (interleaving two rows' blocks halved the rate).
   ParallelFor(S, threads, [&](size_t lo, size_t hi, int t) {
     double* sm = t_sum[t].data();
     double* sq = t_sq[t].data();
+    const size_t block_bytes = static_cast<size_t>(w) * (f16 ? 2 : 4);
     for (size_t i = lo; i < hi; ++i) {
-      float* out = p.data() + i * B;
+      float* out = p.get() + i * B;
       for (size_t b = 0; b < B; ++b) {
-        dot(rows[i] + offsets[b], f16, q + b * w, 1, w, out + b);
+        dot(rows[i] + b * block_bytes, f16, q + b * w, 1, w, out + b);
         sm[b] += out[b];
         sq[b] += static_cast<double>(out[b]) * out[b];
       }
@@ -35,12 +39,14 @@ std::vector<float> ProxyScores(std::span<const std::byte* const> rows, std::span
   std::vector<Standardiser> z(B);
   for (size_t b = 0; b < B; ++b) z[b] = MergeMoments(t_sum, t_sq, b, static_cast<double>(S), 1e-6);
   std::vector<float> proxy(S);
-  for (size_t i = 0; i < S; ++i) {
-    const float* x = p.data() + i * B;
-    float acc = 0;
-    for (size_t b = 0; b < B; ++b) acc += (x[b] - z[b].mean) * z[b].inv_sd;
-    proxy[i] = acc;
-  }
+  ParallelFor(S, threads, [&](size_t lo, size_t hi, int) {
+    for (size_t i = lo; i < hi; ++i) {
+      const float* x = p.get() + i * B;
+      float acc = 0;
+      for (size_t b = 0; b < B; ++b) acc += (x[b] - z[b].mean) * z[b].inv_sd;
+      proxy[i] = acc;
+    }
+  });
   return proxy;
 }
 

@@ -8,11 +8,12 @@
 
 namespace kvagent::index_internal {
 
-// proxy[i] = sum_b (p_ib - mean_b) / sd_b with p_ib = dot(rows[i] + offsets[b] bytes, q + b * w)
-// over w elements (f16 bits when `f16`, else f32); mean_b and sd_b over all i. A b whose sd is ~0
-// (relative to its mean) adds nothing. Runs on up to `threads` threads.
-std::vector<float> ProxyScores(std::span<const std::byte* const> rows, std::span<const size_t> offsets, bool f16,
-                               const float* q, int w, int threads);
+// proxy[i] = sum_b (p_ib - mean_b) / sd_b with p_ib = dot(block b of rows[i], q + b * w), a row
+// being `nblocks` contiguous blocks of w elements (f16 bits when `f16`, else f32); mean_b and sd_b
+// over all i. A b whose sd is ~0 (relative to its mean) adds nothing. Runs on up to `threads`
+// threads.
+std::vector<float> ProxyScores(std::span<const std::byte* const> rows, int nblocks, bool f16, const float* q, int w,
+                               int threads);
 
 struct RescoreRows {
   std::vector<size_t> rows;    // ascending indices into the candidates

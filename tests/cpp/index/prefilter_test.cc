@@ -97,19 +97,18 @@ PlantedSpec SmallShape() {
 TEST(TwoStage, ProxyScoresMatchReference) {
   std::mt19937 rng(31);
   std::normal_distribution<float> n;
-  const int w = 24, S = 57;
-  const std::vector<size_t> offsets = {0, 2 * w * 4, w * 4};  // blocks in any order; the third is constant
-  std::vector<float> q(3 * w);
+  const int w = 24, B = 6, S = 57;  // 6 blocks: one group of four and a remainder; an odd row count
+  std::vector<float> q(B * w);
   for (auto& v : q) v = n(rng);
   for (bool f16 : {false, true}) {
     const size_t esize = f16 ? 2 : 4;
-    std::vector<std::vector<std::byte>> rows(S, std::vector<std::byte>(3 * w * esize));
-    std::vector<std::vector<double>> p(S, std::vector<double>(3));
+    std::vector<std::vector<std::byte>> rows(S, std::vector<std::byte>(B * w * esize));
+    std::vector<std::vector<double>> p(S, std::vector<double>(B));
     for (int i = 0; i < S; ++i) {
-      for (int b = 0; b < 3; ++b) {
+      for (int b = 0; b < B; ++b) {
         for (int d = 0; d < w; ++d) {
-          float v = b == 2 ? 0.5f : n(rng) + 0.3f * b;
-          std::byte* dst = rows[i].data() + offsets[b] / 4 * esize + d * esize;
+          float v = b == 4 ? 0.5f : n(rng) + 0.3f * b;  // block 4 has no spread
+          std::byte* dst = rows[i].data() + (b * w + d) * esize;
           if (f16) {
             const uint16_t h = F32ToF16(v);
             v = F16ToF32(h);
@@ -121,20 +120,19 @@ TEST(TwoStage, ProxyScoresMatchReference) {
         }
       }
     }
-    std::vector<size_t> byte_offsets;
-    for (size_t o : offsets) byte_offsets.push_back(o / 4 * esize);
     std::vector<const std::byte*> ptrs;
     for (const auto& r : rows) ptrs.push_back(r.data());
+    std::vector<double> want(S, 0.0);
+    for (int b = 0; b < B; ++b) {
+      if (b == 4) continue;  // adds nothing
+      double mean = 0, var = 0;
+      for (int i = 0; i < S; ++i) mean += p[i][b] / S;
+      for (int i = 0; i < S; ++i) var += (p[i][b] - mean) * (p[i][b] - mean) / S;
+      for (int i = 0; i < S; ++i) want[i] += (p[i][b] - mean) / std::sqrt(var);
+    }
     for (int threads : {1, 3}) {
-      const std::vector<float> got = index_internal::ProxyScores(ptrs, byte_offsets, f16, q.data(), w, threads);
+      const std::vector<float> got = index_internal::ProxyScores(ptrs, B, f16, q.data(), w, threads);
       ASSERT_EQ(got.size(), static_cast<size_t>(S));
-      std::vector<double> want(S, 0.0);
-      for (int b = 0; b < 2; ++b) {  // block 2 has no spread: it adds nothing
-        double mean = 0, var = 0;
-        for (int i = 0; i < S; ++i) mean += p[i][b] / S;
-        for (int i = 0; i < S; ++i) var += (p[i][b] - mean) * (p[i][b] - mean) / S;
-        for (int i = 0; i < S; ++i) want[i] += (p[i][b] - mean) / std::sqrt(var);
-      }
       for (int i = 0; i < S; ++i) EXPECT_NEAR(got[i], want[i], 1e-4 * (1 + std::fabs(want[i]))) << f16 << " " << i;
     }
   }
