@@ -321,7 +321,8 @@ void Register() {
     if (c.segments >= 100000) b->Iterations(c.segments >= 1000000 ? 2 : 3);
   }
   const TwoStageConfig two_stage[] = {
-      {"1k/8L", 1000, 8}, {"1k/32L", 1000, 32}, {"10k/32L", 10000, 32}, {"100k/8L", 100000, 8}, {"1M/8L", 1000000, 8},
+      {"1k/8L", 1000, 8},    {"1k/32L", 1000, 32},  {"10k/32L", 10000, 32}, {"100k/8L", 100000, 8},
+      {"1M/8L", 1000000, 8}, {"1M/2L", 1000000, 2},  // fits 24 GiB: 2 index layers (then stage 1 reads both)
   };
   for (const TwoStageConfig& c : two_stage) {
     for (bool exact : {true, false}) {
