@@ -305,7 +305,7 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
   if (prefilter_on) {
     for (int slot : prefilter_slots_) {
       for (int g = 0; g < G; ++g) {
-        (void)pool(slot, g * gs, (g + 1) * gs, 0, T, v.data());  // finite: the chunk means were
+        (void)pool(slot, g * gs, (g + 1) * gs, 0, T, v.data());  // finite, as the chunk means are
         pq.insert(pq.end(), v.begin(), v.end());
       }
     }
