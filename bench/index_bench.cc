@@ -2,18 +2,32 @@
 // query heads, 8 KV heads, head_dim 128) with a 30-token query, next to the measured memory
 // read bandwidth of this machine (the scoring sweep is a streaming read of the summary matrix).
 //
+// Two groups:
+//   - brute force over random summaries (the exact sweep; the prefilter is off), configs named
+//     by size, layers, score kind and storage;
+//   - "TwoStage/...": the default options (mean keys, every token votes, softmax, max) on planted,
+//     topic-clustered summaries (tests/cpp/index/planted_index_data.h), each size timed as brute
+//     force (SearchRequest::exact) and as the two-stage search, with the two-stage recall@10
+//     against brute force on the same index and query (random summaries have no meaningful
+//     top-k to recall).
+//
 // Sizes are chosen so the matrix fits a shared 24 GiB machine: the row bytes per segment are
-// printed (bbox f16: layers * 8 heads * 256 * 2 bytes) and configs over ~4.5 GiB are not run.
+// printed and configs whose matrix (plus the brute-force vote scratch) would not fit in 70% of
+// MemAvailable, or over ~4.5 GiB for the random group, are not run.
 #include <benchmark/benchmark.h>
 #include <sched.h>
 #include <sys/resource.h>
 
+#include <cmath>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "index/planted_index_data.h"
 #include "kvagent/index.h"
 
 namespace kvagent {
@@ -69,6 +83,17 @@ double ProcessCpuSeconds() {
   return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + 1e-6 * (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
 }
 
+// Segment i of a benchmark index: one session, 100 tokens.
+IndexEntry EntryAt(int i) {
+  IndexEntry e;
+  e.key = Hash128{static_cast<uint64_t>(i) + 1, 0x5eed};
+  e.session = "s";
+  e.turn = i;
+  e.time_us = i;
+  e.num_tokens = 100;
+  return e;
+}
+
 LatentIndex* Build(const Config& c, benchmark::State& state) {
   if (g_cur.name == c.name) return g_cur.index.get();
   g_cur.index.reset();
@@ -79,6 +104,7 @@ LatentIndex* Build(const Config& c, benchmark::State& state) {
   o.head_reduce = c.head_reduce;
   o.storage = c.storage;
   o.norm = c.norm;
+  o.prefilter_min_segments = 0;  // this group measures the exact sweep
   auto idx = LatentIndex::Create(LlamaSpec(), o).value();
   const size_t bytes = static_cast<size_t>(c.segments) * idx->RowBytes();
   if (bytes > (size_t{9} << 29)) {
@@ -87,13 +113,7 @@ LatentIndex* Build(const Config& c, benchmark::State& state) {
   }
   const auto& pool = Pool();
   for (int i = 0; i < c.segments; ++i) {
-    IndexEntry e;
-    e.key = Hash128{static_cast<uint64_t>(i) + 1, 0x5eed};
-    e.session = "s";
-    e.turn = i;
-    e.time_us = i;
-    e.num_tokens = 100;
-    if (!idx->Add(e, pool[i % pool.size()]).ok()) std::abort();
+    if (!idx->Add(EntryAt(i), pool[i % pool.size()]).ok()) std::abort();
   }
   g_cur.name = c.name;
   g_cur.index = std::move(idx);
@@ -125,6 +145,118 @@ void BM_Search(benchmark::State& state, Config c) {
   state.counters["row_bytes"] = static_cast<double>(idx->RowBytes());
   state.counters["f16_summary_bytes"] = static_cast<double>(Pool()[0].Serialize(DType::kF16).size());
   state.counters["f32_summary_bytes"] = static_cast<double>(Pool()[0].Serialize(DType::kF32).size());
+}
+
+// ---- two-stage search on planted data ----
+
+struct TwoStageConfig {
+  const char* name;  // shared by the brute-force and two-stage entries of one index
+  int segments;
+  int num_layers;  // index layers: DefaultIndexLayers(32, n)
+};
+
+struct TwoStageIndex {
+  std::string name;
+  std::unique_ptr<testing_index::PlantedData> data;
+  std::unique_ptr<LatentIndex> index;
+  double recall = -1;   // two-stage recall@10 against brute force (-1: not measured)
+  double planted = -1;  // planted targets in the brute-force top 10 also found by the two-stage search
+  std::string note;
+} g_two;
+
+size_t MemAvailableBytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  while (f >> key >> kb) {
+    if (key == "MemAvailable:") return kb << 10;
+    f.ignore(256, '\n');
+  }
+  return 0;
+}
+
+TwoStageIndex* BuildTwoStage(const TwoStageConfig& c, benchmark::State& state) {
+  if (g_two.name == c.name) return &g_two;
+  g_two = TwoStageIndex{};
+  g_cur.index.reset();
+  g_cur.name.clear();
+  IndexOptions o;  // defaults, prefilter included
+  o.layers = DefaultIndexLayers(kLayers, c.num_layers);
+  auto idx = LatentIndex::Create(LlamaSpec(), o).value();
+  const size_t votes = static_cast<size_t>(c.segments) * o.layers.size() * kKvHeads * kQTokens;
+  const size_t need = static_cast<size_t>(c.segments) * (idx->RowBytes() + idx->PrefilterRowBytes());
+  if (need + 4 * std::min(votes, size_t{1} << 30) > MemAvailableBytes() / 10 * 7) {
+    state.SkipWithError(("needs " + std::to_string(need >> 20) + " MiB of rows (+ " + std::to_string(votes * 4 >> 20) +
+                         " MiB brute-force votes); not run on this machine")
+                            .c_str());
+    return nullptr;
+  }
+  testing_index::PlantedSpec ps;
+  ps.num_layers = static_cast<int>(o.layers.size());
+  ps.model_layers = o.layers;
+  ps.q_heads = kQHeads;
+  ps.kv_heads = kKvHeads;
+  ps.head_dim = kDim;
+  ps.query_tokens = kQTokens;
+  auto data = std::make_unique<testing_index::PlantedData>(ps, c.segments);
+  for (int i = 0; i < c.segments; ++i) {
+    if (!idx->Add(EntryAt(i), data->Summary(i)).ok()) std::abort();
+  }
+  g_two.name = c.name;
+  g_two.data = std::move(data);
+  g_two.index = std::move(idx);
+  SearchRequest r;
+  r.top_k = 10;
+  SearchRequest exact = r;
+  exact.exact = true;
+  auto want = g_two.index->Search(g_two.data->View(), exact);
+  auto got = g_two.index->Search(g_two.data->View(), r);
+  if (!got.ok()) std::abort();
+  if (want.ok()) {
+    g_two.recall = testing_index::Recall(*got, *want);
+    int in_bf = 0, both = 0;
+    for (size_t t : g_two.data->targets()) {
+      bool a = false, b = false;
+      for (const Hit& h : *want) a |= h.entry.turn == static_cast<int64_t>(t);
+      for (const Hit& h : *got) b |= h.entry.turn == static_cast<int64_t>(t);
+      in_bf += a;
+      both += a && b;
+    }
+    g_two.planted = in_bf ? static_cast<double>(both) / in_bf : -1;
+  } else {
+    g_two.note = want.status().ToString();
+  }
+  return &g_two;
+}
+
+void BM_TwoStage(benchmark::State& state, TwoStageConfig c, bool exact) {
+  TwoStageIndex* t = BuildTwoStage(c, state);
+  if (t == nullptr) return;
+  SearchRequest req;
+  req.top_k = 10;
+  req.exact = exact;
+  if (exact && !t->note.empty()) {
+    state.SkipWithError(("brute force: " + t->note).c_str());
+    return;
+  }
+  const double cpu0 = ProcessCpuSeconds();
+  for (auto _ : state) {
+    auto hits = t->index->Search(t->data->View(), req);
+    if (!hits.ok()) std::abort();
+    benchmark::DoNotOptimize(hits->data());
+  }
+  state.counters["cpu_ms_all_threads"] = (ProcessCpuSeconds() - cpu0) * 1e3 / state.iterations();
+  state.counters["segments_per_s"] =
+      benchmark::Counter(static_cast<double>(c.segments) * state.iterations(), benchmark::Counter::kIsRate);
+  // 1 when the search has more candidates than prefilter_min_segments (else it is brute force).
+  state.counters["stage1"] = c.segments > t->index->options().prefilter_min_segments && !exact;
+  state.counters["row_bytes"] = static_cast<double>(t->index->RowBytes());
+  state.counters["prefilter_row_bytes"] = static_cast<double>(t->index->PrefilterRowBytes());
+  state.counters["f16_summary_bytes"] = static_cast<double>(t->data->Summary(0).Serialize(DType::kF16).size());
+  if (!exact && t->recall >= 0) {
+    state.counters["recall_at_10"] = t->recall;
+    state.counters["planted_recall"] = t->planted;
+  }
 }
 
 // Hardware limit: streaming read of 2 GiB with all hardware threads (sum of floats).
@@ -187,6 +319,19 @@ void Register() {
   for (const Config& c : configs) {
     auto* b = benchmark::RegisterBenchmark(c.name, BM_Search, c)->Unit(benchmark::kMillisecond)->UseRealTime();
     if (c.segments >= 100000) b->Iterations(c.segments >= 1000000 ? 2 : 3);
+  }
+  const TwoStageConfig two_stage[] = {
+      {"1k/8L", 1000, 8},    {"1k/32L", 1000, 32},  {"10k/32L", 10000, 32}, {"100k/8L", 100000, 8},
+      {"1M/8L", 1000000, 8}, {"1M/2L", 1000000, 2},  // fits 24 GiB: 2 index layers (then stage 1 reads both)
+  };
+  for (const TwoStageConfig& c : two_stage) {
+    for (bool exact : {true, false}) {
+      const std::string name = std::string("TwoStage/") + c.name + "/mean/f16/" + (exact ? "brute" : "two_stage");
+      auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_TwoStage, c, exact)
+                    ->Unit(benchmark::kMillisecond)
+                    ->UseRealTime();
+      if (c.segments >= 100000) b->Iterations(exact ? 2 : 10);
+    }
   }
 }
 

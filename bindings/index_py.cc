@@ -153,7 +153,8 @@ void RegisterIndex(nb::module_& m) {
           "create",
           [](const ModelSpec& spec, const std::string& score, const std::string& norm, const std::string& agg,
              const std::string& head_reduce, std::optional<std::vector<int>> layers, int token_chunks, double top_p,
-             const std::string& storage, int num_threads) {
+             const std::string& storage, int num_threads, int prefilter_min_segments, int prefilter_keep,
+             int prefilter_layers, int prefilter_sample) {
             IndexOptions o;
             o.score = EnumFromName<ScoreKind>(score, {{"bbox", ScoreKind::kBoundingBox}, {"mean", ScoreKind::kMeanKey}},
                                               "score");
@@ -172,10 +173,15 @@ void RegisterIndex(nb::module_& m) {
             o.top_p = top_p;
             o.storage = EnumFromName<DType>(storage, {{"f16", DType::kF16}, {"f32", DType::kF32}}, "storage");
             o.num_threads = num_threads;
+            o.prefilter_min_segments = prefilter_min_segments;
+            o.prefilter_keep = prefilter_keep;
+            o.prefilter_layers = prefilter_layers;
+            o.prefilter_sample = prefilter_sample;
             return ValueOrThrow(LatentIndex::Create(spec, o));
           },
           "spec"_a, "score"_a, "norm"_a, "agg"_a, "head_reduce"_a, "layers"_a.none(), "token_chunks"_a, "top_p"_a,
-          "storage"_a, "num_threads"_a)
+          "storage"_a, "num_threads"_a, "prefilter_min_segments"_a, "prefilter_keep"_a, "prefilter_layers"_a,
+          "prefilter_sample"_a)
       .def(
           "add",
           [](LatentIndex& idx, const Hash128& key, nb::bytes summary, const std::string& ns, const std::string& agent,
@@ -201,13 +207,14 @@ void RegisterIndex(nb::module_& m) {
       .def("size", &LatentIndex::size)
       .def("memory_bytes", &LatentIndex::MemoryBytes)
       .def("row_bytes", &LatentIndex::RowBytes)
+      .def("prefilter_row_bytes", &LatentIndex::PrefilterRowBytes)
       .def_prop_ro("layers", [](const LatentIndex& idx) { return idx.layers(); })
       .def(
           "search",
           [](const LatentIndex& idx, const AnyCpuArray& q, int top_k, std::optional<int64_t> token_budget,
              std::vector<Hash128> pinned, std::optional<std::string> ns, std::optional<std::string> agent,
              std::optional<std::string> session, std::optional<int64_t> min_time_us, std::optional<int64_t> max_time_us,
-             bool explain) {
+             bool explain, bool exact) {
             const DType dt = CheckedArray(q, 4, "q");
             QueryView view{q.data(), dt, Dim(q, 0, "q"), Dim(q, 1, "q"), Dim(q, 2, "q"), Dim(q, 3, "q")};
             SearchRequest req;
@@ -220,6 +227,7 @@ void RegisterIndex(nb::module_& m) {
             req.min_time_us = min_time_us;
             req.max_time_us = max_time_us;
             req.explain = explain;
+            req.exact = exact;
             StatusOr<std::vector<Hit>> hits = InternalError("not run");
             {
               nb::gil_scoped_release release;
@@ -228,7 +236,7 @@ void RegisterIndex(nb::module_& m) {
             return ValueOrThrow(std::move(hits));
           },
           "q"_a, "top_k"_a, "token_budget"_a.none(), "pinned"_a, "ns"_a.none(), "agent"_a.none(), "session"_a.none(),
-          "min_time_us"_a.none(), "max_time_us"_a.none(), "explain"_a);
+          "min_time_us"_a.none(), "max_time_us"_a.none(), "explain"_a, "exact"_a = false);
 }
 
 Registration reg("index", 20, &RegisterIndex);

@@ -23,6 +23,9 @@
 //      budget), then the rest by descending score while fewer than top_k were taken and the
 //      budget holds (a segment that does not fit is skipped, smaller ones may still fit).
 //      Hits are returned in original order: time_us, then session, turn, chunk.
+//   Large searches (IndexOptions::prefilter_*, on by default above 20,000 candidates) first keep
+//   the best candidates by a cheap proxy and run the steps above on those only: approximate,
+//   tested for recall against this brute force, which SearchRequest::exact still runs.
 //
 // Thread-safety: KeySummary is a value. LatentIndex is safe for concurrent use: Search and the
 // const accessors take a shared lock, Add/Remove/SetPinned an exclusive one. Search itself runs on
@@ -47,6 +50,10 @@
 #include "kvagent/status.h"
 
 namespace kvagent {
+
+namespace index_internal {
+class RowBlocks;
+}
 
 // ---------------------------------------------------------------------------------------------
 // KeySummary
@@ -120,6 +127,32 @@ struct IndexOptions {
   // outward so the bound still holds) or f32.
   DType storage = DType::kF16;
   int num_threads = 0;  // 0 = the cores this process may use (sched_getaffinity)
+
+  // Two-stage search (approximate; docs/retrieval.md "Two-stage search"). A search runs it when it
+  // has more than `prefilter_min_segments` candidates (after the filters), top_k > 0,
+  // SearchRequest::exact is false and the rows it would score do not already cover every
+  // candidate; otherwise the search is the exact brute force above.
+  //   Stage 1 (proxy): the query is pooled to one vector per (layer, KV head) (mean over every
+  //   query token and the GQA group, times the attention scale) on `prefilter_layers` evenly spaced
+  //   of the index's layers (DefaultIndexLayers over their positions) and dotted with each
+  //   candidate's mean key (also for kBoundingBox: the summary's mean, not the box); each
+  //   (layer, KV head) is z-scored across the candidates and the proxy is their sum. The best
+  //   max(prefilter_keep, 32 * top_k) non-pinned candidates are kept, plus every pinned one.
+  //   Stage 2 (exact): the kept rows are scored as above, together with `prefilter_sample` of the
+  //   others spread evenly over them (by slot), each standing for others / prefilter_sample
+  //   candidates in the normalisation statistics (softmax denominator, z-score mean and deviation),
+  //   so those still estimate the statistics of all candidates; sample rows can be hits too.
+  //   prefilter_sample = 0 normalises over the kept rows only (measured much worse, see the doc).
+  // A hit's score is then its brute-force score up to the estimate of the statistics (exact for
+  // TokenNorm::kNone), and the hits are the brute-force ones when they survive stage 1 and the
+  // estimate keeps their order (recall against brute force is tested and benchmarked).
+  // Cost: the stage-1 mean keys live in a second matrix (PrefilterRowBytes() per segment, e.g.
+  // 4 KiB for 2 layers x 8 KV heads x head_dim 128 in f16) allocated only when enabled.
+  // Setting any of prefilter_min_segments, prefilter_keep, prefilter_layers to 0 disables it.
+  int prefilter_min_segments = 20000;
+  int prefilter_keep = 2048;
+  int prefilter_layers = 2;  // capped at the number of index layers
+  int prefilter_sample = 1024;
 };
 
 // Up to `count` evenly spaced layers of a `num_layers` model: floor((i + 0.5) * num_layers / count)
@@ -165,6 +198,7 @@ struct SearchRequest {
   std::optional<int64_t> min_time_us;  // inclusive
   std::optional<int64_t> max_time_us;  // inclusive
   bool explain = true;                 // fill Hit::breakdown
+  bool exact = false;                  // brute force even where IndexOptions enable the prefilter
 };
 
 // One (layer, kv_head, query chunk) vote of a hit, after normalisation.
@@ -198,7 +232,7 @@ struct Hit {
 class LatentIndex {
  public:
   // InvalidArgument on an invalid spec or options (layers out of range or repeated, token_chunks
-  // < 0, top_p outside (0, 1], storage not f32/f16). Any head_dim works; multiples of 8 take
+  // or a prefilter option < 0, top_p outside (0, 1], storage not f32/f16). Any head_dim works; multiples of 8 take
   // the vectorised (AVX+FMA+F16C) path when the CPU has it.
   static StatusOr<std::unique_ptr<LatentIndex>> Create(const ModelSpec& spec, IndexOptions options = {});
 
@@ -214,8 +248,10 @@ class LatentIndex {
   bool Contains(const Hash128& key) const;
   StatusOr<IndexEntry> Get(const Hash128& key) const;
   size_t size() const;
-  // Bytes of the scoring matrix rows per segment, and in total (allocated).
-  size_t RowBytes() const { return row_bytes_; }
+  // Bytes of the scoring matrix rows per segment, of the stage-1 (prefilter) rows per segment
+  // (0 when the prefilter is disabled), and of everything allocated.
+  size_t RowBytes() const;
+  size_t PrefilterRowBytes() const;
   size_t MemoryBytes() const;
 
   // Scores the candidates and selects hits (see the file comment). InvalidArgument on a query
@@ -232,20 +268,19 @@ class LatentIndex {
 
  private:
   LatentIndex(const ModelSpec& spec, IndexOptions options, std::vector<int> layers);
-  std::byte* RowPtr(size_t slot);
-  const std::byte* RowPtr(size_t slot) const;
 
   ModelSpec spec_;
   IndexOptions options_;
   std::vector<int> layers_;
-  size_t row_elems_ = 0;  // elements of one segment's row
-  size_t row_bytes_ = 0;
-  size_t rows_per_block_ = 1;
+  std::vector<int> prefilter_slots_;  // positions in layers_ of the stage-1 layers (empty: no prefilter)
 
   mutable std::shared_mutex mu_;
-  // Rows live in fixed-size blocks (about 64 MiB) so growth never copies the matrix; slot i is
-  // row i % rows_per_block_ of block i / rows_per_block_. Removal moves the last row into the hole.
-  std::vector<std::unique_ptr<std::byte[]>> blocks_;
+  // Row of slot i: [layer][kv_head][max | min] or [..][mean] in rows_; the mean keys of the stage-1
+  // layers, [prefilter layer][kv_head][mean], in pre_rows_ (a separate matrix because a sweep over
+  // a few short runs of every wide row reads memory at a fraction of the streaming rate).
+  // Removal moves the last row into the hole.
+  std::unique_ptr<index_internal::RowBlocks> rows_;
+  std::unique_ptr<index_internal::RowBlocks> pre_rows_;
   std::vector<IndexEntry> entries_;  // by slot
   std::unordered_map<Hash128, size_t, Hash128Hasher> slot_of_;
 };

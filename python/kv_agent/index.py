@@ -78,6 +78,15 @@ class IndexOptions:
     token_chunks: query tokens averaged into this many chunks (0 = every token votes).
     storage: in-memory matrix dtype ``"f16"`` or ``"f32"``.
     num_threads: scoring threads (0 = all cores).
+
+    Two-stage search (approximate, for large indexes; docs/retrieval.md "Two-stage search"): when a
+    search has more than ``prefilter_min_segments`` candidates (and ``top_k > 0``), a cheap proxy
+    (the query pooled to one vector per layer and KV head, dotted with the mean keys of
+    ``prefilter_layers`` of the index's layers, z-scored and summed) keeps the best
+    ``max(prefilter_keep, 32 * top_k)`` candidates plus the pinned ones; those, and
+    ``prefilter_sample`` others that estimate the normalisation over all candidates, are scored
+    exactly. Any of the first three set to 0 disables it (exact brute force always);
+    ``search(exact=True)`` bypasses it for one search.
     """
 
     score: str = "mean"
@@ -89,6 +98,10 @@ class IndexOptions:
     top_p: float = 0.25
     storage: str = "f16"
     num_threads: int = 0
+    prefilter_min_segments: int = 20000
+    prefilter_keep: int = 2048
+    prefilter_layers: int = 2
+    prefilter_sample: int = 1024
 
 
 class LatentIndex:
@@ -109,6 +122,10 @@ class LatentIndex:
             float(o.top_p),
             o.storage,
             int(o.num_threads),
+            int(o.prefilter_min_segments),
+            int(o.prefilter_keep),
+            int(o.prefilter_layers),
+            int(o.prefilter_sample),
         )
 
     @property
@@ -154,6 +171,10 @@ class LatentIndex:
         """Bytes of the scoring matrix per segment."""
         return self._idx.row_bytes()
 
+    def prefilter_row_bytes(self) -> int:
+        """Bytes of the two-stage search's proxy rows per segment (0 when it is disabled)."""
+        return self._idx.prefilter_row_bytes()
+
     def search(
         self,
         q: Any,
@@ -167,15 +188,27 @@ class LatentIndex:
         min_time_us: int | None = None,
         max_time_us: int | None = None,
         explain: bool = True,
+        exact: bool = False,
     ) -> list[Hit]:
         """Top segments for pre-RoPE queries ``q`` ``[len(self.layers), H_q, T_q, D]``.
 
         Pinned segments (flag at add, or listed here) are always returned when they are in
         namespace ``ns``; their tokens count against ``token_budget``. ``top_k`` bounds the other
         hits (0 = no bound). Hits come in original order (time, session, turn, chunk); ``rank``
-        orders them by score. Raises InvalidArgumentError on a wrong shape or dtype.
+        orders them by score. ``exact=True`` scores every candidate (brute force) even where the
+        options enable the two-stage search. Raises InvalidArgumentError on a wrong shape or dtype.
         """
         arr = _as_array(q, "q")
         return self._idx.search(
-            arr, top_k, token_budget, list(pinned), ns, agent, session, min_time_us, max_time_us, explain
+            arr,
+            top_k,
+            token_budget,
+            list(pinned),
+            ns,
+            agent,
+            session,
+            min_time_us,
+            max_time_us,
+            explain,
+            exact,
         )

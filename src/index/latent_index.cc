@@ -10,32 +10,19 @@
 #include <sched.h>
 #endif
 
+#include "index/moments.h"
+#include "index/parallel_for.h"
+#include "index/prefilter.h"
+#include "index/row_blocks.h"
 #include "index/score_kernel.h"
 #include "kvagent/index.h"
 
 namespace kvagent {
 namespace {
 
-constexpr size_t kTargetBlockBytes = size_t{64} << 20;
 // Below this many candidates per thread, starting threads costs more than it saves.
 constexpr size_t kMinSegmentsPerThread = 1024;
 constexpr size_t kMaxVotes = size_t{1} << 30;  // 4 GiB of f32 scratch
-
-// Runs fn(begin, end, thread_index) over [0, n) split into `threads` contiguous ranges.
-template <typename Fn>
-void ParallelFor(size_t n, int threads, Fn fn) {
-  if (threads <= 1 || n < 2) {
-    fn(size_t{0}, n, 0);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) {
-    pool.emplace_back([&, t] { fn(n * t / threads, n * (t + 1) / threads, t); });
-  }
-  fn(0, n / threads, 0);
-  for (auto& th : pool) th.join();
-}
 
 // Cores this process may run on (taskset / cgroup cpusets), not the machine's count.
 int UsableCores() {
@@ -70,9 +57,12 @@ std::vector<int> DefaultIndexLayers(int num_layers, int count) {
 LatentIndex::LatentIndex(const ModelSpec& spec, IndexOptions options, std::vector<int> layers)
     : spec_(spec), options_(std::move(options)), layers_(std::move(layers)) {
   const size_t width = options_.score == ScoreKind::kBoundingBox ? 2 * spec_.head_dim : spec_.head_dim;
-  row_elems_ = layers_.size() * spec_.num_kv_heads * width;
-  row_bytes_ = row_elems_ * DTypeSize(options_.storage);
-  rows_per_block_ = std::clamp<size_t>(kTargetBlockBytes / row_bytes_, 1, 4096);
+  const size_t head_bytes = spec_.num_kv_heads * DTypeSize(options_.storage);
+  rows_ = std::make_unique<index_internal::RowBlocks>(layers_.size() * width * head_bytes);
+  if (options_.prefilter_min_segments > 0 && options_.prefilter_keep > 0 && options_.prefilter_layers > 0) {
+    prefilter_slots_ = DefaultIndexLayers(static_cast<int>(layers_.size()), options_.prefilter_layers);
+    pre_rows_ = std::make_unique<index_internal::RowBlocks>(prefilter_slots_.size() * spec_.head_dim * head_bytes);
+  }
 }
 
 LatentIndex::~LatentIndex() = default;
@@ -85,6 +75,10 @@ StatusOr<std::unique_ptr<LatentIndex>> LatentIndex::Create(const ModelSpec& spec
   if (options.token_chunks < 0) return InvalidArgumentError("token_chunks must be >= 0");
   if (!(options.top_p > 0 && options.top_p <= 1)) return InvalidArgumentError("top_p must be in (0, 1]");
   if (options.num_threads < 0) return InvalidArgumentError("num_threads must be >= 0");
+  if (options.prefilter_min_segments < 0 || options.prefilter_keep < 0 || options.prefilter_layers < 0 ||
+      options.prefilter_sample < 0) {
+    return InvalidArgumentError("prefilter options must be >= 0");
+  }
   if (static_cast<int>(options.score) > 1 || static_cast<int>(options.norm) > 2 || static_cast<int>(options.agg) > 2 ||
       static_cast<int>(options.head_reduce) > 2) {
     return InvalidArgumentError("unknown score, norm, agg or head_reduce value");
@@ -101,12 +95,8 @@ StatusOr<std::unique_ptr<LatentIndex>> LatentIndex::Create(const ModelSpec& spec
   return std::unique_ptr<LatentIndex>(new LatentIndex(spec, std::move(options), std::move(layers)));
 }
 
-std::byte* LatentIndex::RowPtr(size_t slot) {
-  return blocks_[slot / rows_per_block_].get() + (slot % rows_per_block_) * row_bytes_;
-}
-const std::byte* LatentIndex::RowPtr(size_t slot) const {
-  return blocks_[slot / rows_per_block_].get() + (slot % rows_per_block_) * row_bytes_;
-}
+size_t LatentIndex::RowBytes() const { return rows_->row_bytes(); }
+size_t LatentIndex::PrefilterRowBytes() const { return pre_rows_ ? pre_rows_->row_bytes() : 0; }
 
 Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
   if (entry.num_tokens < 0) return InvalidArgumentError("num_tokens must be >= 0");
@@ -142,12 +132,10 @@ Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
   std::unique_lock lock(mu_);
   if (slot_of_.count(entry.key)) return AlreadyExistsError("segment " + entry.key.ToHex() + " already indexed");
   const size_t slot = entries_.size();
-  if (slot / rows_per_block_ >= blocks_.size()) {
-    std::unique_ptr<std::byte[]> block(new (std::nothrow) std::byte[rows_per_block_ * row_bytes_]);
-    if (!block) return ResourceExhaustedError("cannot allocate an index block");
-    blocks_.push_back(std::move(block));
+  if (!rows_->Reserve(slot + 1) || (pre_rows_ && !pre_rows_->Reserve(slot + 1))) {
+    return ResourceExhaustedError("cannot allocate an index block");
   }
-  std::byte* row = RowPtr(slot);
+  std::byte* row = rows_->Row(slot);
   const int dim = spec_.head_dim;
   size_t out = 0;
   auto put = [&](const float* v, int direction) {
@@ -169,6 +157,13 @@ Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
       }
     }
   }
+  if (pre_rows_) {
+    row = pre_rows_->Row(slot);
+    out = 0;
+    for (int ps : prefilter_slots_) {
+      for (int g = 0; g < spec_.num_kv_heads; ++g) put(&s.mean[s.Offset(slots[ps], g)], 0);
+    }
+  }
   entries_.push_back(entry);
   slot_of_.emplace(entry.key, slot);
   return Status::Ok();
@@ -187,13 +182,14 @@ Status LatentIndex::Remove(const Hash128& key) {
   const size_t last = entries_.size() - 1;
   slot_of_.erase(it);
   if (slot != last) {
-    std::memcpy(RowPtr(slot), RowPtr(last), row_bytes_);
+    std::memcpy(rows_->Row(slot), rows_->Row(last), rows_->row_bytes());
+    if (pre_rows_) std::memcpy(pre_rows_->Row(slot), pre_rows_->Row(last), pre_rows_->row_bytes());
     entries_[slot] = std::move(entries_[last]);
     slot_of_[entries_[slot].key] = slot;
   }
   entries_.pop_back();
-  // Keep one spare block so add/remove at a block boundary does not thrash the allocator.
-  while (blocks_.size() > entries_.size() / rows_per_block_ + 2) blocks_.pop_back();
+  rows_->Shrink(entries_.size());
+  if (pre_rows_) pre_rows_->Shrink(entries_.size());
   return Status::Ok();
 }
 
@@ -224,7 +220,7 @@ size_t LatentIndex::size() const {
 
 size_t LatentIndex::MemoryBytes() const {
   std::shared_lock lock(mu_);
-  return blocks_.size() * rows_per_block_ * row_bytes_ + entries_.capacity() * sizeof(IndexEntry);
+  return rows_->MemoryBytes() + (pre_rows_ ? pre_rows_->MemoryBytes() : 0) + entries_.capacity() * sizeof(IndexEntry);
 }
 
 StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchRequest& req) const {
@@ -258,36 +254,59 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
   std::vector<std::pair<int, int>> chunk_tokens(C);
   for (int c = 0; c < C; ++c)
     chunk_tokens[c] = {static_cast<int>(int64_t{c} * T / C), static_cast<int>(int64_t{c + 1} * T / C)};
+  // dst[d] = scale * mean of q over query layer l, heads [h_lo, h_hi), tokens [t_lo, t_hi); false
+  // on a non-finite result.
+  std::vector<double> acc(D);
+  auto pool = [&](int l, int h_lo, int h_hi, int t_lo, int t_hi, float* dst) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int h = h_lo; h < h_hi; ++h) {
+      for (int t = t_lo; t < t_hi; ++t) {
+        const size_t base = ((static_cast<size_t>(l) * q.num_q_heads + h) * T + t) * D;
+        for (int d = 0; d < D; ++d) acc[d] += LoadAsF32(q.data, q.dtype, base + d);
+      }
+    }
+    const double inv = static_cast<double>(scale) / ((h_hi - h_lo) * (t_hi - t_lo));
+    bool finite = true;
+    for (int d = 0; d < D; ++d) {
+      dst[d] = static_cast<float>(acc[d] * inv);
+      finite &= std::isfinite(dst[d]);
+    }
+    return finite;
+  };
   std::vector<float> qp(static_cast<size_t>(B) * nq * W);
-  {
-    std::vector<double> acc(D);
-    for (int l = 0; l < L; ++l) {
-      for (int g = 0; g < G; ++g) {
-        for (int j = 0; j < nq; ++j) {
-          const int c = per_head ? j / gs : j;
-          const int h_lo = per_head ? g * gs + j % gs : g * gs;
-          const int h_hi = per_head ? h_lo + 1 : g * gs + gs;
-          std::fill(acc.begin(), acc.end(), 0.0);
-          for (int h = h_lo; h < h_hi; ++h) {
-            for (int t = chunk_tokens[c].first; t < chunk_tokens[c].second; ++t) {
-              const size_t base = ((static_cast<size_t>(l) * q.num_q_heads + h) * T + t) * D;
-              for (int d = 0; d < D; ++d) acc[d] += LoadAsF32(q.data, q.dtype, base + d);
-            }
-          }
-          const double inv =
-              static_cast<double>(scale) / ((h_hi - h_lo) * (chunk_tokens[c].second - chunk_tokens[c].first));
-          float* dst = qp.data() + (static_cast<size_t>(l * G + g) * nq + j) * W;
-          for (int d = 0; d < D; ++d) {
-            const float v = static_cast<float>(acc[d] * inv);
-            if (!std::isfinite(v)) return InvalidArgumentError("query: non-finite value");
-            if (bbox) {
-              dst[d] = std::max(v, 0.0f);      // pairs with the box maximum
-              dst[D + d] = std::min(v, 0.0f);  // pairs with the box minimum
-            } else {
-              dst[d] = v;
-            }
+  std::vector<float> v(D);
+  for (int l = 0; l < L; ++l) {
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < nq; ++j) {
+        const int c = per_head ? j / gs : j;
+        const int h_lo = per_head ? g * gs + j % gs : g * gs;
+        const int h_hi = per_head ? h_lo + 1 : g * gs + gs;
+        if (!pool(l, h_lo, h_hi, chunk_tokens[c].first, chunk_tokens[c].second, v.data())) {
+          return InvalidArgumentError("query: non-finite value");
+        }
+        float* dst = qp.data() + (static_cast<size_t>(l * G + g) * nq + j) * W;
+        for (int d = 0; d < D; ++d) {
+          if (bbox) {
+            dst[d] = std::max(v[d], 0.0f);      // pairs with the box maximum
+            dst[D + d] = std::min(v[d], 0.0f);  // pairs with the box minimum
+          } else {
+            dst[d] = v[d];
           }
         }
+      }
+    }
+  }
+  // Stage-1 query: one vector per (prefilter layer, kv_head), the mean over every token and the
+  // group, against the stage-1 rows (mean keys).
+  const bool f16 = options_.storage == DType::kF16;
+  const size_t wbytes = static_cast<size_t>(W) * DTypeSize(options_.storage);
+  const bool prefilter_on = pre_rows_ != nullptr && !req.exact && req.top_k > 0;
+  std::vector<float> pq;
+  if (prefilter_on) {
+    for (int slot : prefilter_slots_) {
+      for (int g = 0; g < G; ++g) {
+        (void)pool(slot, g * gs, (g + 1) * gs, 0, T, v.data());  // finite, as the chunk means are
+        pq.insert(pq.end(), v.begin(), v.end());
       }
     }
   }
@@ -297,6 +316,7 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
   std::unordered_set<Hash128, Hash128Hasher> pin_set(req.pinned.begin(), req.pinned.end());
   std::vector<size_t> cand;
   std::vector<char> cand_pinned;
+  size_t num_pinned = 0;
   for (size_t slot = 0; slot < entries_.size(); ++slot) {
     const IndexEntry& e = entries_[slot];
     if (req.ns && e.ns != *req.ns) continue;
@@ -304,118 +324,184 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
     if (!pinned && !PassesFilters(e, req)) continue;
     cand.push_back(slot);
     cand_pinned.push_back(pinned);
+    num_pinned += pinned;
+  }
+  if (cand.empty()) return std::vector<Hit>{};
+  const int max_threads = options_.num_threads > 0 ? options_.num_threads : UsableCores();
+  auto threads_for = [&](size_t n) {
+    return static_cast<int>(std::clamp<size_t>(n / kMinSegmentsPerThread, 1, max_threads));
+  };
+
+  // ---- stage 1 (two-stage search only): keep the best candidates by the proxy score ----
+  // weight[i]: candidates row i stands for in the normalisation statistics (empty = 1 each).
+  std::vector<double> weight;
+  const size_t keep = std::max<size_t>(options_.prefilter_keep, size_t{32} * req.top_k);
+  const size_t sample = options_.prefilter_sample;
+  if (prefilter_on && cand.size() > static_cast<size_t>(options_.prefilter_min_segments) &&
+      keep + sample < cand.size() - num_pinned) {
+    std::vector<const std::byte*> rows(cand.size());
+    for (size_t i = 0; i < cand.size(); ++i) rows[i] = pre_rows_->Row(cand[i]);
+    const std::vector<float> proxy = index_internal::ProxyScores(rows, static_cast<int>(prefilter_slots_.size()) * G,
+                                                                 f16, pq.data(), D, threads_for(cand.size()));
+    index_internal::RescoreRows chosen = index_internal::ChooseRows(proxy, cand_pinned, keep, sample);
+    std::vector<size_t> sub(chosen.rows.size());
+    std::vector<char> sub_pinned(chosen.rows.size());
+    for (size_t k = 0; k < chosen.rows.size(); ++k) {
+      sub[k] = cand[chosen.rows[k]];
+      sub_pinned[k] = cand_pinned[chosen.rows[k]];
+    }
+    cand = std::move(sub);
+    cand_pinned = std::move(sub_pinned);
+    weight = std::move(chosen.weight);
   }
   const size_t S = cand.size();
-  if (S == 0) return std::vector<Hit>{};
 
-  // The votes of all candidates are kept for the normalisation pass (4 bytes each).
+  // The votes of all scored rows are kept for the normalisation pass (4 bytes each).
   if (S * static_cast<size_t>(U) > kMaxVotes) {
     return ResourceExhaustedError("search needs " + std::to_string(S * static_cast<size_t>(U) * 4) +
                                   " bytes of votes (candidates x layers x kv_heads x chunks); use fewer layers or "
-                                  "token_chunks, or filter the candidates");
+                                  "token_chunks, filter the candidates or enable the prefilter");
   }
-  int threads = options_.num_threads > 0 ? options_.num_threads : UsableCores();
-  threads = static_cast<int>(std::clamp<size_t>(S / kMinSegmentsPerThread, 1, threads));
+  const int threads = threads_for(S);
+  auto weight_of = [&](size_t i) { return weight.empty() ? 1.0 : weight[i]; };
 
   // ---- raw scores R[s][u], u = (l*G + g)*C + c; per-thread normalisation statistics ----
-  std::vector<float> R(S * U);
-  const bool f16 = options_.storage == DType::kF16;
-  const size_t wbytes = static_cast<size_t>(W) * DTypeSize(options_.storage);
-  const auto dot = index_internal::SelectDotRows(W);
+  // Not value-initialised: every element is written below.
+  std::unique_ptr<float[]> R(new (std::nothrow) float[S * U]);
+  if (!R) return ResourceExhaustedError("cannot allocate the vote matrix");
+  const auto dot2 = index_internal::SelectDotRows2(W);
   std::vector<std::vector<float>> t_max(threads, std::vector<float>(U, -std::numeric_limits<float>::infinity()));
   std::vector<std::vector<double>> t_sum(threads, std::vector<double>(U, 0.0));
   std::vector<std::vector<double>> t_sq(threads, std::vector<double>(U, 0.0));
   const TokenNorm norm = options_.norm;
-  ParallelFor(S, threads, [&](size_t lo, size_t hi, int t) {
-    std::vector<float> raw(nq);
+  // Rows are scored in tiles, block by block, so one block's query vectors stay in L1 for the tile.
+  constexpr size_t kTile = 16;
+  index_internal::ParallelFor(S, threads, [&](size_t lo, size_t hi, int t) {
+    std::vector<float> raw(2 * nq);
     float* mx = t_max[t].data();
     double* sm = t_sum[t].data();
     double* sq = t_sq[t].data();
-    for (size_t i = lo; i < hi; ++i) {
-      const std::byte* row = RowPtr(cand[i]);
-      float* out = R.data() + i * U;
+    for (size_t i0 = lo; i0 < hi; i0 += kTile) {
+      const size_t i1 = std::min(hi, i0 + kTile);
       for (int b = 0; b < B; ++b) {
-        dot(row + b * wbytes, f16, qp.data() + static_cast<size_t>(b) * nq * W, nq, W, raw.data());
-        for (int c = 0; c < C; ++c) {
-          float v;
-          if (!per_head) {
-            v = raw[c];
-          } else if (options_.head_reduce == HeadReduce::kMaxScore) {
-            v = *std::max_element(raw.begin() + c * gs, raw.begin() + (c + 1) * gs);
-          } else {
-            float s = 0;
-            for (int h = 0; h < gs; ++h) s += raw[c * gs + h];
-            v = s / gs;
+        const float* qb = qp.data() + static_cast<size_t>(b) * nq * W;
+        for (size_t i = i0; i < i1; i += 2) {
+          // A lone last row is paired with itself: a row's votes must not depend on its neighbour's
+          // presence (the same arithmetic whatever the candidate set).
+          const std::byte* row0 = rows_->Row(cand[i]) + b * wbytes;
+          const bool pair = i + 1 < i1;
+          const std::byte* row1 = pair ? rows_->Row(cand[i + 1]) + b * wbytes : row0;
+          if (!per_head) {  // one query vector per vote: straight into R
+            float* out0 = R.get() + i * U + b * C;
+            dot2(row0, row1, f16, qb, nq, W, out0, pair ? out0 + U : raw.data());
+            continue;
           }
-          out[b * C + c] = v;
+          dot2(row0, row1, f16, qb, nq, W, raw.data(), raw.data() + nq);
+          for (size_t r = 0; r < (pair ? 2u : 1u); ++r) {
+            const float* x = raw.data() + r * nq;
+            float* out = R.get() + (i + r) * U + b * C;
+            for (int c = 0; c < C; ++c) {
+              if (options_.head_reduce == HeadReduce::kMaxScore) {
+                out[c] = *std::max_element(x + c * gs, x + (c + 1) * gs);
+              } else {
+                float s = 0;
+                for (int h = 0; h < gs; ++h) s += x[c * gs + h];
+                out[c] = s / gs;
+              }
+            }
+          }
         }
       }
-      if (norm == TokenNorm::kSoftmax) {
-        for (int u = 0; u < U; ++u) mx[u] = std::max(mx[u], out[u]);
-      } else if (norm == TokenNorm::kZScore) {
-        for (int u = 0; u < U; ++u) {
-          sm[u] += out[u];
-          sq[u] += static_cast<double>(out[u]) * out[u];
+      for (size_t i = i0; i < i1; ++i) {
+        const float* out = R.get() + i * U;
+        if (norm == TokenNorm::kSoftmax) {
+          for (int u = 0; u < U; ++u) mx[u] = std::max(mx[u], out[u]);
+        } else if (norm == TokenNorm::kZScore) {
+          const double w = weight_of(i);
+          for (int u = 0; u < U; ++u) {
+            sm[u] += w * out[u];
+            sq[u] += w * out[u] * out[u];
+          }
         }
       }
     }
   });
 
-  // ---- normalisation across candidates, then aggregation per segment ----
+  // ---- normalisation statistics: normalised vote = (x - shift) * mul ----
   std::vector<float> shift(U, 0.0f), mul(U, 1.0f);
+  // Softmax with max aggregation leaves R raw (the maximum of exp(x - m) / z needs one exp per
+  // segment, not per vote); then exp_pending and log_z hold what is still to apply.
+  const bool exp_pending = norm == TokenNorm::kSoftmax && options_.agg == Aggregation::kMax;
+  std::vector<float> log_z(U, 0.0f);
+  double total_weight = 0;
+  for (size_t i = 0; i < S; ++i) total_weight += weight_of(i);
   if (norm == TokenNorm::kSoftmax) {
     for (int t = 1; t < threads; ++t) {
       for (int u = 0; u < U; ++u) t_max[0][u] = std::max(t_max[0][u], t_max[t][u]);
     }
     shift = t_max[0];
-    for (auto& v : t_sum) std::fill(v.begin(), v.end(), 0.0);
-    ParallelFor(S, threads, [&](size_t lo, size_t hi, int t) {
+    for (auto& z : t_sum) std::fill(z.begin(), z.end(), 0.0);
+    index_internal::ParallelFor(S, threads, [&](size_t lo, size_t hi, int t) {
       double* z = t_sum[t].data();
+      std::vector<float> tmp(exp_pending ? U : 0);
       for (size_t i = lo; i < hi; ++i) {
-        float* x = R.data() + i * U;
+        float* x = R.get() + i * U;
+        if (exp_pending) x = std::copy(x, x + U, tmp.data()) - U;
         index_internal::ExpShifted(x, shift.data(), U);
-        for (int u = 0; u < U; ++u) z[u] += x[u];
+        const double w = weight_of(i);
+        for (int u = 0; u < U; ++u) z[u] += w * x[u];
       }
     });
     for (int u = 0; u < U; ++u) {
       double z = 0;
       for (int t = 0; t < threads; ++t) z += t_sum[t][u];
       mul[u] = static_cast<float>(1.0 / z);  // z >= 1: the maximum contributes exp(0)
-      shift[u] = 0;
+      log_z[u] = static_cast<float>(std::log(z));
+      if (!exp_pending) shift[u] = 0;
     }
   } else if (norm == TokenNorm::kZScore) {
     for (int u = 0; u < U; ++u) {
-      double s = 0, s2 = 0;
-      for (int t = 0; t < threads; ++t) {
-        s += t_sum[t][u];
-        s2 += t_sq[t][u];
-      }
-      const double mean = s / S;
-      const double var = std::max(0.0, s2 / S - mean * mean);
-      const double sd = std::sqrt(var);
-      shift[u] = static_cast<float>(mean);
-      mul[u] = sd > 1e-12 * std::max(1.0, std::fabs(mean)) ? static_cast<float>(1.0 / sd) : 0.0f;
+      const index_internal::Standardiser z = index_internal::MergeMoments(t_sum, t_sq, u, total_weight, 1e-12);
+      shift[u] = z.mean;
+      mul[u] = z.inv_sd;
     }
   }
+  // out[u] = the normalised votes of row x.
+  auto normalised = [&](const float* x, float* out) {
+    if (exp_pending) {
+      std::copy(x, x + U, out);
+      index_internal::ExpShifted(out, shift.data(), U);
+      for (int u = 0; u < U; ++u) out[u] *= mul[u];
+    } else {
+      for (int u = 0; u < U; ++u) out[u] = (x[u] - shift[u]) * mul[u];
+    }
+  };
+
+  // ---- aggregation per segment (R is read, not rewritten) ----
   std::vector<float> score(S);
   const Aggregation agg = options_.agg;
   const int top_n = std::max(1, static_cast<int>(std::ceil(options_.top_p * U - 1e-9)));
-  ParallelFor(S, threads, [&](size_t lo, size_t hi, int) {
+  index_internal::ParallelFor(S, threads, [&](size_t lo, size_t hi, int) {
     std::vector<float> tmp(U);
     for (size_t i = lo; i < hi; ++i) {
-      float* x = R.data() + i * U;
-      for (int u = 0; u < U; ++u) x[u] = (x[u] - shift[u]) * mul[u];
-      if (agg == Aggregation::kMax) {
-        score[i] = *std::max_element(x, x + U);
+      const float* x = R.get() + i * U;
+      if (agg == Aggregation::kMax && exp_pending) {
+        float best = -std::numeric_limits<float>::infinity();
+        for (int u = 0; u < U; ++u) best = std::max(best, (x[u] - shift[u]) - log_z[u]);
+        score[i] = best < -87.0f ? 0.0f : std::exp(best);  // ExpShifted flushes there too
+      } else if (agg == Aggregation::kMax) {
+        float best = -std::numeric_limits<float>::infinity();
+        for (int u = 0; u < U; ++u) best = std::max(best, (x[u] - shift[u]) * mul[u]);
+        score[i] = best;
       } else if (agg == Aggregation::kTopP) {
-        std::copy(x, x + U, tmp.begin());
+        normalised(x, tmp.data());
         std::nth_element(tmp.begin(), tmp.begin() + (top_n - 1), tmp.end(), std::greater<float>());
         double s = 0;
         for (int k = 0; k < top_n; ++k) s += tmp[k];
         score[i] = static_cast<float>(s / top_n);
       } else {
         double s = 0;
-        for (int u = 0; u < U; ++u) s += x[u];
+        for (int u = 0; u < U; ++u) s += (x[u] - shift[u]) * mul[u];
         score[i] = static_cast<float>(s / U);
       }
     }
@@ -456,6 +542,7 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
 
   std::vector<Hit> hits;
   hits.reserve(chosen.size());
+  std::vector<float> x(U);
   for (size_t i : chosen) {
     Hit h;
     h.entry = entries_[cand[i]];
@@ -463,7 +550,7 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
     h.pinned = cand_pinned[i];
     if (req.explain) {
       Breakdown& bd = h.breakdown;
-      const float* x = R.data() + i * U;
+      normalised(R.get() + i * U, x.data());
       bd.layers = layers_;
       bd.per_layer.assign(L, 0.0f);
       bd.per_kv_head.assign(G, 0.0f);

@@ -106,6 +106,68 @@ KVAGENT_AVX void DotRowsAvx(const void* row, bool f16, const float* q, int nq, i
   }
 }
 
+// Reduces eight accumulators to one vector of their eight sums, in order.
+KVAGENT_AVX inline __m256 HSum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Two rows x kN queries: each converted row vector feeds kN FMAs and each query vector two, so
+// there are 3 loads per 4 FMAs (DotRows4: 5 per 4) and 2 * kN independent chains.
+template <bool kF16, int kN>
+KVAGENT_AVX void DotRows2xN(const void* row0, const void* row1, const float* q, int w, float* out0, float* out1) {
+  // Fully unrolled so the accumulators stay in registers.
+  __m256 a[2 * kN];
+#pragma GCC unroll 8
+  for (int k = 0; k < 2 * kN; ++k) a[k] = _mm256_setzero_ps();
+  for (int i = 0; i < w; i += 8) {
+    const __m256 x0 = LoadRow(row0, kF16, i);
+    const __m256 x1 = LoadRow(row1, kF16, i);
+#pragma GCC unroll 4
+    for (int k = 0; k < kN; ++k) {
+      __m256 v = _mm256_loadu_ps(q + static_cast<size_t>(k) * w + i);
+      __asm__("" : "+x"(v));  // one load for both FMAs (compilers otherwise fold it into each)
+      a[k] = _mm256_fmadd_ps(v, x0, a[k]);
+      a[kN + k] = _mm256_fmadd_ps(v, x1, a[kN + k]);
+    }
+  }
+  if constexpr (kN == 4) {
+    const __m256 s = HSum8(a);
+    _mm_storeu_ps(out0, _mm256_castps256_ps128(s));
+    _mm_storeu_ps(out1, _mm256_extractf128_ps(s, 1));
+  } else {
+#pragma GCC unroll 4
+    for (int k = 0; k < kN; ++k) {
+      out0[k] = HSum(a[k]);
+      out1[k] = HSum(a[kN + k]);
+    }
+  }
+}
+
+template <bool kF16>
+KVAGENT_AVX void DotRows2AvxT(const void* row0, const void* row1, const float* q, int nq, int w, float* out0,
+                              float* out1) {
+  int j = 0;
+  for (; j + 4 <= nq; j += 4) {
+    DotRows2xN<kF16, 4>(row0, row1, q + static_cast<size_t>(j) * w, w, out0 + j, out1 + j);
+  }
+  for (; j + 2 <= nq; j += 2) {
+    DotRows2xN<kF16, 2>(row0, row1, q + static_cast<size_t>(j) * w, w, out0 + j, out1 + j);
+  }
+  for (; j < nq; ++j) DotRows2xN<kF16, 1>(row0, row1, q + static_cast<size_t>(j) * w, w, out0 + j, out1 + j);
+}
+
+KVAGENT_AVX void DotRows2Avx(const void* row0, const void* row1, bool f16, const float* q, int nq, int w, float* out0,
+                             float* out1) {
+  if (f16) {
+    DotRows2AvxT<true>(row0, row1, q, nq, w, out0, out1);
+  } else {
+    DotRows2AvxT<false>(row0, row1, q, nq, w, out0, out1);
+  }
+}
+
 // exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 Taylor polynomial for exp(r).
 // 2^n is built in two 128-bit halves because AVX1 has no 256-bit integer shifts.
 KVAGENT_AVX void ExpShiftedAvx(float* x, const float* shift, size_t n) {
@@ -165,6 +227,21 @@ DotRowsFn SelectDotRows(int w) {
   if (w % 8 == 0 && HaveAvx()) return &DotRowsAvx;
 #endif
   return &DotRowsScalar;
+}
+
+namespace {
+void DotRows2Scalar(const void* row0, const void* row1, bool f16, const float* q, int nq, int w, float* out0,
+                    float* out1) {
+  DotRowsScalar(row0, f16, q, nq, w, out0);
+  DotRowsScalar(row1, f16, q, nq, w, out1);
+}
+}  // namespace
+
+DotRows2Fn SelectDotRows2(int w) {
+#ifdef KVAGENT_INDEX_X86
+  if (w % 8 == 0 && HaveAvx()) return &DotRows2Avx;
+#endif
+  return &DotRows2Scalar;
 }
 
 void ToF16(const float* src, uint16_t* dst, size_t n, int direction) {

@@ -15,6 +15,12 @@ DotRowsFn SelectDotRows(int w);
 // The portable implementation (reference for tests of the vectorised one).
 void DotRowsScalar(const void* row, bool f16, const float* q, int nq, int w, float* out);
 
+// DotRowsFn for two rows at once: out0[j] = q_j . row0, out1[j] = q_j . row1 (each query vector
+// is loaded once for both rows).
+using DotRows2Fn = void (*)(const void* row0, const void* row1, bool f16, const float* q, int nq, int w, float* out0,
+                            float* out1);
+DotRows2Fn SelectDotRows2(int w);
+
 // x[i] = exp(x[i] - shift[i]) for i < n, shift[i] finite, x[i] - shift[i] <= 0 expected (values
 // below -87 flush to 0). Relative error < 2e-7 on the vectorised path.
 void ExpShifted(float* x, const float* shift, size_t n);

@@ -233,6 +233,35 @@ def test_add_remove_len_and_errors():
         ki.LatentIndex(spec, ki.IndexOptions(layers=[7]))
 
 
+def test_two_stage_options_and_exact_search():
+    spec = make_spec()
+    n = 60
+    exact_opts = ki.IndexOptions(prefilter_min_segments=0)
+    two_opts = ki.IndexOptions(
+        prefilter_min_segments=10, prefilter_keep=8, prefilter_layers=1, prefilter_sample=4
+    )
+    brute, keys, _ = build(spec, exact_opts, n=n)
+    two, _, _ = build(spec, two_opts, n=n)
+    assert brute.prefilter_row_bytes() == 0
+    assert two.prefilter_row_bytes() == 2 * 16 * 2  # one layer, 2 KV heads, head_dim 16, f16 mean keys
+    q = np.random.default_rng(7).standard_normal((len(two.layers), 8, 5, 16)).astype(np.float32)
+
+    def scores(hits):
+        return {h.key: h.score for h in hits}
+
+    want = scores(brute.search(q, top_k=3))
+    assert scores(two.search(q, top_k=3, exact=True)) == want
+    assert scores(two.search(q, top_k=0)) == scores(brute.search(q, top_k=0))  # top_k = 0: always exact
+    got = two.search(q, top_k=3, pinned=[keys[5]])
+    assert len(got) == 4 and keys[5] in {h.key for h in got}
+    # Filtered down to at most prefilter_min_segments candidates: exact again.
+    assert scores(two.search(q, top_k=3, session="s0", max_time_us=19)) == scores(
+        brute.search(q, top_k=3, session="s0", max_time_us=19)
+    )
+    with pytest.raises(InvalidArgumentError):
+        ki.LatentIndex(spec, ki.IndexOptions(prefilter_keep=-1))
+
+
 def test_concurrent_searches_from_threads():
     import threading
 

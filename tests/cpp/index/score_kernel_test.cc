@@ -33,6 +33,41 @@ TEST(ScoreKernel, VectorisedMatchesScalar) {
   }
 }
 
+TEST(ScoreKernel, TwoRowsMatchScalarAndEachOther) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> n;
+  for (int w : {8, 16, 24, 128, 256, 12}) {
+    for (int nq : {1, 2, 3, 4, 5, 8, 13, 30}) {
+      std::vector<float> q(static_cast<size_t>(nq) * w), a(w), b(w);
+      std::vector<uint16_t> a16(w), b16(w);
+      for (auto& v : q) v = n(rng);
+      for (int i = 0; i < w; ++i) {
+        a[i] = n(rng);
+        b[i] = n(rng);
+        a16[i] = F32ToF16(a[i]);
+        b16[i] = F32ToF16(b[i]);
+      }
+      for (bool f16 : {false, true}) {
+        const void* ra = f16 ? static_cast<const void*>(a16.data()) : a.data();
+        const void* rb = f16 ? static_cast<const void*>(b16.data()) : b.data();
+        std::vector<float> oa(nq), ob(nq), sa(nq), sb(nq), ba(nq), aa(nq), aa2(nq);
+        SelectDotRows2(w)(ra, rb, f16, q.data(), nq, w, oa.data(), ob.data());
+        DotRowsScalar(ra, f16, q.data(), nq, w, sa.data());
+        DotRowsScalar(rb, f16, q.data(), nq, w, sb.data());
+        for (int j = 0; j < nq; ++j) {
+          EXPECT_NEAR(oa[j], sa[j], 1e-4 * std::sqrt(w)) << w << " " << nq << " " << f16;
+          EXPECT_NEAR(ob[j], sb[j], 1e-4 * std::sqrt(w)) << w << " " << nq << " " << f16;
+        }
+        // A row's result does not depend on its partner or its position (bit for bit).
+        SelectDotRows2(w)(rb, ra, f16, q.data(), nq, w, ba.data(), aa.data());
+        SelectDotRows2(w)(ra, ra, f16, q.data(), nq, w, aa2.data(), ba.data());
+        EXPECT_EQ(aa, oa);
+        EXPECT_EQ(aa2, oa);
+      }
+    }
+  }
+}
+
 TEST(ScoreKernel, ExpShifted) {
   std::vector<float> x, shift;
   for (int i = 0; i < 2003; ++i) {
