@@ -265,7 +265,7 @@ def merge_runs(paths: list[Path], out_dir: Path) -> dict:
     docs = [json.loads(Path(p).read_text()) for p in paths]
     ignore = {"conversations", "out", "max_conversations"}
     base = {k: v for k, v in docs[0]["config"].items() if k not in ignore}
-    for p, d in zip(paths, docs):
+    for p, d in zip(paths, docs, strict=True):
         other = {k: v for k, v in d["config"].items() if k not in ignore}
         if other != base:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
@@ -273,7 +273,7 @@ def merge_runs(paths: list[Path], out_dir: Path) -> dict:
     records: list[Record] = []
     seen: set = set()
     ingest: dict = {}
-    for p, d in zip(paths, docs):
+    for p, d in zip(paths, docs, strict=True):
         for r in load_records(d):
             if (r.system, r.qid) in seen:
                 raise ValueError(f"{p}: {r.system} {r.qid} appears in more than one run")
@@ -284,5 +284,5 @@ def merge_runs(paths: list[Path], out_dir: Path) -> dict:
     config["conversations"] = sorted({r.conversation for r in records})
     extra = {"ingest": ingest, "wall_s": sum(d.get("wall_s", 0.0) for d in docs),
              "merged_from": [{"path": str(p), "git_commit": d.get("git_commit"), "date": d.get("date"),
-                              "wall_s": d.get("wall_s"), "machine": d.get("machine")} for p, d in zip(paths, docs)]}
+                              "wall_s": d.get("wall_s"), "machine": d.get("machine")} for p, d in zip(paths, docs, strict=True)]}
     return write_outputs(Path(out_dir), config, records, extra)
