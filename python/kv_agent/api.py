@@ -237,11 +237,9 @@ class CacheManager:
             raise InvalidArgumentError("CacheManager needs a tokenizer")
         self.spec = self.engine.model_spec()
         self.format = format_for(self.engine.model_type, self.tokenizer)
-        self._stop_ids = list(self.engine.default_eos_ids())
-        if self.format.stop_at_newline:
-            from kv_agent.models.chat import newline_token_ids
+        from kv_agent.models.chat import stop_token_ids
 
-            self._stop_ids += newline_token_ids(self.tokenizer)
+        self._stop_ids = stop_token_ids(self.engine, self.tokenizer, self.format.stop_at_newline)
         self.max_segment_tokens = max_segment_tokens
         self.recent_turns = recent_turns
         self.memory = memory or AgentMemory.latest() or AgentMemory()

@@ -85,9 +85,9 @@ def select_questions(conv: Conversation, cfg: BenchConfig) -> list[Question]:
 def stop_ids(engine, tokenizer) -> list[int]:
     """End of sequence or end of line: every system answers one line (the template asks for a
     short phrase and ``clean_answer`` keeps the first line), so decoding stops at the newline."""
-    from kv_agent.models.chat import newline_token_ids
+    from kv_agent.models.chat import stop_token_ids
 
-    return sorted(set(engine.default_eos_ids()) | set(newline_token_ids(tokenizer)))
+    return stop_token_ids(engine, tokenizer, at_newline=True)
 
 
 class TextSystem:

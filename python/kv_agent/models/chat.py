@@ -68,3 +68,12 @@ def newline_token_ids(tokenizer) -> list[int]:
         if len(ids) == 1:
             out.append(ids[0])
     return out
+
+
+def stop_token_ids(engine, tokenizer, at_newline: bool) -> list[int]:
+    """Generation stops: the engine's end-of-sequence ids, plus newline-only tokens when answers
+    are one line (completion-style prompts)."""
+    ids = list(engine.default_eos_ids())
+    if at_newline:
+        ids += [i for i in newline_token_ids(tokenizer) if i not in ids]
+    return ids
