@@ -10,6 +10,10 @@
 //   DiskSeqWrite, DiskSeqRead  limit for the disk tier: one 256 MiB file written with pwrite in
 //                          1 MiB chunks then fdatasync, and read back with pread after the page
 //                          cache was dropped for it (fdatasync, then posix_fadvise DONTNEED).
+//   DiskSeqWriteDirect     the same 256 MiB written with O_DIRECT in 16 MiB chunks from distinct
+//                          page-aligned memory, then fdatasync: the device without the page
+//                          cache (skipped where the file system refuses O_DIRECT). The write
+//                          limit is the faster of the two.
 //   DiskPut/<size>/<sync>  write-behind Puts of 256 MiB of segments into an empty store plus
 //                          Flush(); sync=1: the disk tier fdatasyncs every record, sync=0: once
 //                          in Flush (what DiskSeqWrite does).
@@ -179,6 +183,30 @@ void BM_DiskSeqWrite(benchmark::State& state) {
   SetRate(state, static_cast<double>(kWorkingSet) * state.iterations());
 }
 
+void BM_DiskSeqWriteDirect(benchmark::State& state) {
+  const std::string path = BenchDir() + "/kvagent-bench-seq-direct";
+  constexpr size_t kChunk = 16 << 20;
+  std::byte* data = static_cast<std::byte*>(std::aligned_alloc(4096, kWorkingSet));
+  if (data == nullptr) std::abort();
+  for (size_t i = 0; i < kWorkingSet; ++i) data[i] = static_cast<std::byte>(i * 131 + (i >> 12));
+  for (auto _ : state) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0644);
+    if (fd < 0) {
+      state.SkipWithError("O_DIRECT not supported here");
+      break;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    for (size_t off = 0; off < kWorkingSet; off += kChunk)
+      if (::pwrite(fd, data + off, kChunk, static_cast<off_t>(off)) != static_cast<ssize_t>(kChunk)) std::abort();
+    ::fdatasync(fd);
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    ::close(fd);
+  }
+  std::free(data);
+  ::unlink(path.c_str());
+  SetRate(state, static_cast<double>(kWorkingSet) * state.iterations());
+}
+
 void BM_DiskSeqRead(benchmark::State& state) {
   const std::string path = BenchDir() + "/kvagent-bench-seq";  // left by BM_DiskSeqWrite, else written here
   std::vector<std::byte> chunk(1 << 20, std::byte{0x5a});
@@ -284,6 +312,7 @@ BENCHMARK(BM_HostPut)->KV_SIZES->MinTime(0.5);
 BENCHMARK(BM_HostGet)->KV_SIZES->MinTime(0.5);
 BENCHMARK(BM_HostGetCopy)->KV_SIZES->MinTime(0.5);
 BENCHMARK(BM_DiskSeqWrite)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DiskSeqWriteDirect)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DiskSeqRead)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DiskPut)
     ->ArgsProduct({{64 << 10, 1 << 20, 16 << 20}, {0, 1}})

@@ -38,13 +38,18 @@ class WritableFile {
   virtual ~WritableFile() = default;
   // Appends all of `data` or returns an error (a short write is reported, never hidden).
   virtual Status Append(std::span<const std::byte> data) = 0;
-  // Pushes buffered data to the OS (not durable).
+  // Pushes buffered data to the OS (not durable): after Flush, readers of the file (other
+  // handles, other processes) see every byte appended so far.
   virtual Status Flush() = 0;
   // Makes everything appended so far durable (fdatasync).
   virtual Status Sync() = 0;
   virtual Status Close() = 0;
   // Bytes in the file, counting appended-but-unsynced data.
   virtual uint64_t Size() const = 0;
+  // Direct I/O (see Env::NewDirectWritableFile): the block size in bytes that makes an Append
+  // zero-copy (data starting at an address and a file offset that are multiples of it, at least
+  // one block long); 0 for a buffered file.
+  virtual size_t DirectIoAlignment() const { return 0; }
 };
 
 // An exclusive advisory lock on a file (one process opens a store at a time).
@@ -60,12 +65,22 @@ class Env {
   // The process-wide POSIX environment. Never deleted.
   static Env* Default();
 
-  virtual StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(
-      const std::string& path) = 0;
+  virtual StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(const std::string& path) = 0;
   // Creates or truncates `path`.
   virtual StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) = 0;
   // Opens `path` for appending, creating it if missing; Size() starts at the current size.
   virtual StatusOr<std::unique_ptr<WritableFile>> NewAppendableFile(const std::string& path) = 0;
+  // Like NewWritableFile (truncate = true) or NewAppendableFile, but bypassing the OS page cache
+  // where the file system allows it (POSIX O_DIRECT): appends collect in an aligned staging
+  // buffer written out in whole blocks when it fills, at Flush, Sync and Close, and block-aligned
+  // appends of whole blocks go straight from the caller's memory to the device. Appended bytes
+  // are visible to readers only after Flush (or Sync/Close). The file may hold up to one block of
+  // zero bytes past Size() between a Flush and the next Sync/Close (which cut them). Where direct
+  // I/O is unavailable (other Envs, tmpfs) this returns an ordinary buffered file
+  // (DirectIoAlignment() == 0).
+  virtual StatusOr<std::unique_ptr<WritableFile>> NewDirectWritableFile(const std::string& path, bool truncate) {
+    return truncate ? NewWritableFile(path) : NewAppendableFile(path);
+  }
 
   virtual bool FileExists(const std::string& path) = 0;
   // Names (not paths) of the entries of directory `dir`, excluding "." and "..".

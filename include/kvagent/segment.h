@@ -25,7 +25,8 @@
 
 namespace kvagent {
 
-// 64-byte aligned, owned bytes. Contents are uninitialised after Allocate.
+// Owned bytes, 64-byte aligned (4 KiB-aligned from 64 KiB up, for direct I/O). Contents are
+// uninitialised after Allocate.
 class Buffer {
  public:
   // Allocator hook: the CUDA build installs one that returns pinned host memory. `free` must

@@ -49,7 +49,7 @@ struct StoreStats {
   TierStats host;
   TierStats disk;
   uint64_t promotions = 0;         // disk -> host on hit
-  uint64_t write_queue_depth = 0;  // segments waiting for write-behind
+  uint64_t write_queue_depth = 0;  // segments waiting for write-behind (beyond the one being written)
   uint64_t write_errors = 0;       // write-behind failures (the segment stays in host)
   bool has_disk = false;
 };
@@ -79,6 +79,7 @@ struct StoreOptions {
   // sync. Write errors and retries: docs/store.md.
   bool sync = true;
   CodecKind disk_codec = CodecKind::kRaw;
+  bool disk_direct_io = true;              // DiskTierOptions::direct_io
   Env* env = nullptr;                      // nullptr = Env::Default()
 };
 

@@ -10,10 +10,14 @@ namespace kvagent {
 namespace {
 
 constexpr size_t kAlign = 64;
+// Large buffers start on a page so the disk tier can hand them to direct I/O without a copy.
+constexpr size_t kPageAlign = 4096;
+constexpr size_t kPageAlignFrom = 64 << 10;
 
 void* AlignedAlloc(size_t size) {
-  size_t rounded = (size + kAlign - 1) / kAlign * kAlign;
-  return std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
+  const size_t align = size >= kPageAlignFrom ? kPageAlign : kAlign;
+  size_t rounded = (size + align - 1) / align * align;
+  return std::aligned_alloc(align, rounded == 0 ? align : rounded);
 }
 
 Buffer::Allocator& HostAllocator() {

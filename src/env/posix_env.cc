@@ -6,8 +6,11 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <thread>
 
@@ -92,6 +95,165 @@ class PosixWritableFile final : public WritableFile {
   uint64_t size_;
 };
 
+// Direct-I/O appender (O_DIRECT). Invariants: `base_` is a multiple of kBlock and the file's
+// bytes [0, base_) are written; staging_[0, staged_) holds the bytes [base_, size_), so size_ =
+// base_ + staged_. Writes always start at base_ and cover whole blocks; a partial last block is
+// written zero-padded and kept in staging (its bytes are rewritten by the next write-out), so
+// the file may hold up to one block of zeros past size_ (physical_) until Sync/Close cut it.
+class PosixDirectWritableFile final : public WritableFile {
+ public:
+  static constexpr size_t kBlock = 4096;
+  static constexpr size_t kStaging = size_t{4} << 20;
+
+  PosixDirectWritableFile(std::string path, int fd, uint64_t size, std::byte* staging)
+      : path_(std::move(path)),
+        fd_(fd),
+        size_(size),
+        physical_(size),
+        base_(size / kBlock * kBlock),
+        staging_(staging) {
+    staged_ = static_cast<size_t>(size_ - base_);
+  }
+  ~PosixDirectWritableFile() override {
+    Close().IgnoreError();
+    std::free(staging_);
+  }
+
+  // Opens `path` with O_DIRECT; nullptr (errno set) when the file system refuses it.
+  static StatusOr<std::unique_ptr<WritableFile>> Open(const std::string& path, bool truncate) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_DIRECT | (truncate ? O_TRUNC : 0), 0644);
+    if (fd < 0) return ErrnoToStatus(errno, "open (direct) " + path);
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+      int err = errno;
+      ::close(fd);
+      return ErrnoToStatus(err, "fstat " + path);
+    }
+    auto* staging = static_cast<std::byte*>(std::aligned_alloc(kBlock, kStaging));
+    if (staging == nullptr) {
+      ::close(fd);
+      return ResourceExhaustedError("direct I/O staging buffer for " + path);
+    }
+    const uint64_t size = static_cast<uint64_t>(st.st_size);
+    std::unique_ptr<PosixDirectWritableFile> f(new PosixDirectWritableFile(path, fd, size, staging));
+    if (f->staged_ > 0) {
+      // The existing partial last block: read it back (through a buffered descriptor, which sees
+      // the same bytes) so the next write-out can rewrite it whole.
+      int rfd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (rfd < 0) return ErrnoToStatus(errno, "open " + path);
+      ssize_t r = ::pread(rfd, staging, f->staged_, static_cast<off_t>(f->base_));
+      int err = errno;
+      ::close(rfd);
+      if (r != static_cast<ssize_t>(f->staged_))
+        return r < 0 ? ErrnoToStatus(err, "pread " + path) : InternalError("short read of the last block of " + path);
+    }
+    return std::unique_ptr<WritableFile>(std::move(f));
+  }
+
+  Status Append(std::span<const std::byte> data) override {
+    if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
+    while (!data.empty()) {
+      const bool aligned_source = reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0 && data.size() >= kBlock;
+      if (aligned_source && staged_ % kBlock == 0) {
+        // Zero-copy: write out the whole staged blocks, then the caller's blocks in place.
+        KVAGENT_RETURN_IF_ERROR(WriteOutStaged());
+        const size_t n = data.size() / kBlock * kBlock;
+        KVAGENT_RETURN_IF_ERROR(WriteBlocks(data.data(), n, size_));
+        size_ += n;
+        base_ = size_;
+        physical_ = std::max(physical_, size_);
+        data = data.subspan(n);
+        continue;
+      }
+      const size_t m = std::min(kStaging - staged_, data.size());
+      std::memcpy(staging_ + staged_, data.data(), m);
+      staged_ += m;
+      size_ += m;
+      dirty_ = true;
+      data = data.subspan(m);
+      if (staged_ == kStaging) KVAGENT_RETURN_IF_ERROR(WriteOutStaged());
+    }
+    return Status::Ok();
+  }
+
+  Status Flush() override {
+    if (fd_ < 0) return FailedPreconditionError("flush of closed file " + path_);
+    return WriteOutStaged();
+  }
+
+  Status Sync() override {
+    if (fd_ < 0) return FailedPreconditionError("sync of closed file " + path_);
+    KVAGENT_RETURN_IF_ERROR(WriteOutStaged());
+    KVAGENT_RETURN_IF_ERROR(CutPadding());
+    if (::fdatasync(fd_) != 0) return ErrnoToStatus(errno, "fdatasync " + path_);
+    return Status::Ok();
+  }
+
+  Status Close() override {
+    if (fd_ < 0) return Status::Ok();
+    Status s = WriteOutStaged();
+    if (s.ok()) s = CutPadding();
+    int rc = ::close(fd_);
+    fd_ = -1;
+    if (s.ok() && rc != 0) s = ErrnoToStatus(errno, "close " + path_);
+    return s;
+  }
+
+  uint64_t Size() const override { return size_; }
+  size_t DirectIoAlignment() const override { return kBlock; }
+
+ private:
+  // pwrite of whole blocks at a block-aligned offset; a short write is continued, an error
+  // returned.
+  Status WriteBlocks(const std::byte* p, size_t n, uint64_t offset) {
+    size_t done = 0;
+    while (done < n) {
+      ssize_t w = ::pwrite(fd_, p + done, n - done, static_cast<off_t>(offset + done));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return ErrnoToStatus(errno, "write (direct) " + path_);
+      }
+      if (w == 0 || static_cast<size_t>(w) % kBlock != 0)
+        return InternalError("short direct write of " + path_ + " (" + std::to_string(w) + " bytes)");
+      done += static_cast<size_t>(w);
+    }
+    return Status::Ok();
+  }
+
+  // Writes staging_[0, staged_) at base_, zero-padded to whole blocks; keeps a partial last
+  // block staged (moved to the front) so base_ stays block-aligned.
+  Status WriteOutStaged() {
+    if (!dirty_) return Status::Ok();
+    const size_t whole = staged_ / kBlock * kBlock;
+    const size_t tail = staged_ - whole;
+    const size_t padded = whole + (tail > 0 ? kBlock : 0);
+    std::memset(staging_ + staged_, 0, padded - staged_);
+    KVAGENT_RETURN_IF_ERROR(WriteBlocks(staging_, padded, base_));
+    physical_ = std::max(physical_, base_ + padded);
+    if (tail > 0 && whole > 0) std::memmove(staging_, staging_ + whole, tail);
+    base_ += whole;
+    staged_ = tail;
+    dirty_ = false;
+    return Status::Ok();
+  }
+
+  Status CutPadding() {
+    if (physical_ <= size_) return Status::Ok();
+    if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) return ErrnoToStatus(errno, "ftruncate " + path_);
+    physical_ = size_;
+    return Status::Ok();
+  }
+
+  std::string path_;
+  int fd_;
+  uint64_t size_;       // logical size: bytes appended
+  uint64_t physical_;   // file size on the OS side (>= size_ after a padded write-out)
+  uint64_t base_;       // file offset of staging_[0], a multiple of kBlock
+  bool dirty_ = false;  // staged bytes not yet written out
+  std::byte* staging_;
+  size_t staged_ = 0;
+};
+
 class PosixFileLock final : public FileLock {
  public:
   explicit PosixFileLock(int fd) : fd_(fd) {}
@@ -128,6 +290,14 @@ class PosixEnv final : public Env {
       return ErrnoToStatus(err, "fstat " + path);
     }
     return std::unique_ptr<WritableFile>(new PosixWritableFile(path, fd, static_cast<uint64_t>(st.st_size)));
+  }
+
+  StatusOr<std::unique_ptr<WritableFile>> NewDirectWritableFile(const std::string& path, bool truncate) override {
+    auto f = PosixDirectWritableFile::Open(path, truncate);
+    // File systems without O_DIRECT (tmpfs, some FUSE) refuse it with EINVAL: buffered instead.
+    if (!f.ok() && f.status().code() == StatusCode::kInvalidArgument)
+      return truncate ? NewWritableFile(path) : NewAppendableFile(path);
+    return f;
   }
 
   bool FileExists(const std::string& path) override { return ::access(path.c_str(), F_OK) == 0; }
@@ -212,9 +382,9 @@ class PosixEnv final : public Env {
   bool IsPosix() const override { return true; }
 
   uint64_t NowMicros() override {
-    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
-                                     std::chrono::steady_clock::now().time_since_epoch())
-                                     .count());
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+            .count());
   }
   int64_t WallMicros() override {
     return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())

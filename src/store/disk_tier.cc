@@ -51,6 +51,19 @@ std::string DiskTierImpl::FilePath(uint64_t file_no) const {
 
 // ---------------------------------------------------------------- writing
 
+StatusOr<std::unique_ptr<WritableFile>> DiskTierImpl::OpenActiveLocked(const std::string& path, bool truncate) {
+  active_unflushed_ = false;
+  if (opts_.direct_io) return env_->NewDirectWritableFile(path, truncate);
+  return truncate ? env_->NewWritableFile(path) : env_->NewAppendableFile(path);
+}
+
+Status DiskTierImpl::FlushActiveLocked() {
+  if (!active_ || !active_unflushed_) return Status::Ok();
+  KVAGENT_RETURN_IF_ERROR(active_->Flush().WithContext("disk tier flush"));
+  active_unflushed_ = false;
+  return Status::Ok();
+}
+
 Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
   if (active_ && active_->Size() > 0 && active_->Size() + record_len > opts_.max_file_bytes) {
     // Synced even without options.sync: Sync() only reaches the active file, so a file must be
@@ -67,7 +80,7 @@ Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
     auto& [no, fi] = *files_.rbegin();
     if (!fi.sealed && no + 1 == next_file_no_ && fi.size > 0 && fi.size % kAlign == 0 &&
         fi.size + record_len <= opts_.max_file_bytes) {
-      KVAGENT_ASSIGN_OR_RETURN(active_, env_->NewAppendableFile(fi.path));
+      KVAGENT_ASSIGN_OR_RETURN(active_, OpenActiveLocked(fi.path, /*truncate=*/false));
       if (active_->Size() != fi.size) {
         // Someone else changed the file; never append behind unknown bytes.
         active_.reset();
@@ -79,7 +92,7 @@ Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
   }
   uint64_t no = next_file_no_;
   std::string path = FilePath(no);
-  KVAGENT_ASSIGN_OR_RETURN(active_, env_->NewWritableFile(path));
+  KVAGENT_ASSIGN_OR_RETURN(active_, OpenActiveLocked(path, /*truncate=*/true));
   Status s = env_->SyncDir(dir_);
   auto reader = env_->NewRandomAccessFile(path);
   if (!s.ok() || !reader.ok()) {
@@ -108,20 +121,32 @@ void DiskTierImpl::RollbackActiveLocked(uint64_t file_no, uint64_t old_size) {
   if (!s.ok() || now != old_size) fi.sealed = true;
 }
 
-Status DiskTierImpl::AppendLocked(std::span<const std::byte> prefix, std::span<const std::byte> payload,
-                                  uint64_t record_len, uint64_t* file_no, uint64_t* offset) {
+Status DiskTierImpl::AppendLocked(std::span<const AppendPiece> pieces, uint64_t* file_no,
+                                  std::vector<uint64_t>* offsets) {
+  uint64_t total = 0;
+  for (const AppendPiece& p : pieces) total += p.record_len;
   auto free = env_->FreeSpace(dir_);
-  if (free.ok() && *free < record_len)
-    return ResourceExhaustedError("disk tier " + dir_ + ": " + std::to_string(*free) + " bytes free, record needs " +
-                                  std::to_string(record_len));
-  KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(record_len));
+  if (free.ok() && *free < total)
+    return ResourceExhaustedError("disk tier " + dir_ + ": " + std::to_string(*free) + " bytes free, records need " +
+                                  std::to_string(total));
+  KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(total));
   const uint64_t no = active_no_;
   const uint64_t start = active_->Size();
-  uint64_t pad = record_len - prefix.size() - payload.size();
-  Status s = active_->Append(prefix);
-  if (s.ok() && !payload.empty()) s = active_->Append(payload);
-  if (s.ok() && pad > 0) s = active_->Append(std::span<const std::byte>(kZeros, pad));
-  if (s.ok() && opts_.sync) s = active_->Sync();
+  offsets->clear();
+  Status s;
+  for (const AppendPiece& p : pieces) {
+    offsets->push_back(active_->Size());
+    const uint64_t pad = p.record_len - p.prefix.size() - p.payload.size();
+    s = active_->Append(p.prefix);
+    if (s.ok() && !p.payload.empty()) s = active_->Append(p.payload);
+    if (s.ok() && pad > 0) s = active_->Append(std::span<const std::byte>(kZeros, pad));
+    if (!s.ok()) break;
+  }
+  if (active_->DirectIoAlignment() != 0) active_unflushed_ = true;
+  // Visible to readers (and to the OS, so a killed process loses nothing acknowledged) before
+  // returning; durable too with options.sync.
+  if (s.ok()) s = opts_.sync ? active_->Sync() : FlushActiveLocked();
+  if (s.ok()) active_unflushed_ = false;
   if (!s.ok()) {
     RollbackActiveLocked(no, start);
     return s.WithContext("disk tier append");
@@ -131,7 +156,6 @@ Status DiskTierImpl::AppendLocked(std::span<const std::byte> prefix, std::span<c
   fi.size = active_->Size();
   pending_ends_[no] = fi.size;
   *file_no = no;
-  *offset = start;
   return Status::Ok();
 }
 
@@ -139,8 +163,10 @@ Status DiskTierImpl::WriteTombstonesLocked(const std::vector<Hash128>& keys) {
   if (keys.empty()) return Status::Ok();
   std::string buf;
   for (const auto& k : keys) buf += BuildTombstone(k).prefix;
-  uint64_t no = 0, off = 0;
-  return AppendLocked(AsBytes(buf), {}, buf.size(), &no, &off);
+  const AppendPiece piece{AsBytes(buf), {}, buf.size()};
+  uint64_t no = 0;
+  std::vector<uint64_t> offsets;
+  return AppendLocked(std::span<const AppendPiece>(&piece, 1), &no, &offsets);
 }
 
 void DiskTierImpl::InsertLocked(const Hash128& key, const RecordLocation& loc, const SegmentInfo& info) {
@@ -201,6 +227,9 @@ void DiskTierImpl::FlushCatalogLocked() {
     return;
   }
   if (catalog_dirty_.empty() && pending_ends_.empty()) return;
+  // Rows go in only for bytes the OS has: a direct-I/O file's staged records are written first.
+  // If that fails the rows stay pending (the next flush retries; Open rescans the files anyway).
+  if (!FlushActiveLocked().ok()) return;
   Status s = catalog_->Begin();
   for (const auto& k : catalog_dirty_) {
     if (!s.ok()) break;
@@ -220,36 +249,90 @@ void DiskTierImpl::FlushCatalogLocked() {
 }
 
 Status DiskTierImpl::Put(const Segment& segment) {
-  KVAGENT_RETURN_IF_ERROR(segment.Validate());
+  const Segment* one = &segment;
+  size_t written = 0;
+  return PutBatch(std::span<const Segment* const>(&one, 1), &written);
+}
+
+Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* written) {
+  *written = 0;
+  // Encoding and checksums outside the lock.
+  struct Prepared {
+    const Segment* segment;
+    std::vector<std::byte> encoded;
+    std::span<const std::byte> payload;
+    EncodedRecord rec;
+    SegmentInfo info;
+  };
   const CodecKind codec = opts_.codec;
-  std::vector<std::byte> encoded;
-  std::span<const std::byte> payload = segment.payload->span();
-  if (codec != CodecKind::kRaw) {
-    encoded.resize(EncodedSize(segment.layout, codec));
-    KVAGENT_RETURN_IF_ERROR(EncodePayload(segment.layout, codec, payload, encoded));
-    payload = encoded;
+  std::vector<Prepared> prep(segments.size());
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const Segment& segment = *segments[i];
+    KVAGENT_RETURN_IF_ERROR(segment.Validate());
+    Prepared& p = prep[i];
+    p.segment = &segment;
+    p.payload = segment.payload->span();
+    if (codec != CodecKind::kRaw) {
+      p.encoded.resize(EncodedSize(segment.layout, codec));
+      KVAGENT_RETURN_IF_ERROR(EncodePayload(segment.layout, codec, p.payload, p.encoded));
+      p.payload = p.encoded;
+    }
+    p.rec = BuildSegmentRecord(segment, codec, p.payload);
+    if (opts_.capacity_bytes > 0 && p.rec.header.record_len > opts_.capacity_bytes)
+      return ResourceExhaustedError("segment record of " + std::to_string(p.rec.header.record_len) +
+                                    " bytes exceeds the disk tier capacity of " + std::to_string(opts_.capacity_bytes));
+    p.info = InfoOf(segment);
+    p.info.codec = static_cast<uint8_t>(codec);
   }
-  EncodedRecord rec = BuildSegmentRecord(segment, codec, payload);
-  const uint64_t record_len = rec.header.record_len;
-  if (opts_.capacity_bytes > 0 && record_len > opts_.capacity_bytes)
-    return ResourceExhaustedError("segment record of " + std::to_string(record_len) +
-                                  " bytes exceeds the disk tier capacity of " + std::to_string(opts_.capacity_bytes));
-  SegmentInfo info = InfoOf(segment);
-  info.stored_bytes = record_len;
-  info.codec = static_cast<uint8_t>(codec);
 
   std::lock_guard<std::mutex> l(mu_);
-  RecordLocation loc;
-  KVAGENT_RETURN_IF_ERROR(AppendLocked(AsBytes(rec.prefix), payload, record_len, &loc.file_no, &loc.offset));
-  loc.record_len = record_len;
-  loc.payload_offset = rec.header.payload_offset;
-  loc.payload_len = rec.header.payload_len;
-  loc.payload_checksum = rec.header.payload_checksum;
-  loc.codec = codec;
-  InsertLocked(segment.key, loc, info);
-  ++puts_;
-  CommitCatalogLocked({segment.key}, {}, record_len);
-  EvictLocked(segment.key);
+  size_t i = 0;
+  std::vector<AppendPiece> pieces;
+  std::vector<uint64_t> offsets;
+  while (i < prep.size()) {
+    // One chunk: the records that fit the active file, appended back to back, made visible
+    // once, then indexed; all or nothing.
+    KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(prep[i].rec.header.record_len + kMaxPayloadPad));
+    const size_t block = active_->DirectIoAlignment();
+    uint64_t at = active_->Size();
+    size_t j = i;
+    pieces.clear();
+    for (; j < prep.size(); ++j) {
+      Prepared& p = prep[j];
+      // Direct I/O: a large payload that starts on a block boundary in memory starts on one in
+      // the file too (record format version 2), so it goes to the device without a copy.
+      if (block != 0 && block <= kDirectBlock && p.payload.size() >= kDirectMinPayload &&
+          reinterpret_cast<uintptr_t>(p.payload.data()) % block == 0)
+        PadPayloadToBlock(&p.rec, at, static_cast<uint32_t>(block));
+      if (j > i && at + p.rec.header.record_len > opts_.max_file_bytes) break;
+      pieces.push_back(AppendPiece{AsBytes(p.rec.prefix), p.payload, p.rec.header.record_len});
+      at += p.rec.header.record_len;
+    }
+    uint64_t no = 0;
+    KVAGENT_RETURN_IF_ERROR(AppendLocked(pieces, &no, &offsets));
+    std::vector<Hash128> keys;
+    uint64_t bytes = 0;
+    for (size_t k = i; k < j; ++k) {
+      Prepared& p = prep[k];
+      RecordLocation loc;
+      loc.file_no = no;
+      loc.offset = offsets[k - i];
+      loc.record_len = p.rec.header.record_len;
+      loc.payload_offset = p.rec.header.payload_offset;
+      loc.payload_len = p.rec.header.payload_len;
+      loc.payload_checksum = p.rec.header.payload_checksum;
+      loc.codec = codec;
+      p.info.stored_bytes = loc.record_len;
+      InsertLocked(p.segment->key, loc, p.info);
+      ++puts_;
+      keys.push_back(p.segment->key);
+      bytes += loc.record_len;
+    }
+    CommitCatalogLocked(keys, {}, bytes);
+    EvictLocked(keys.back());
+    *written = j;
+    i = j;
+  }
   MaybeAutoCompactLocked();
   return Status::Ok();
 }
@@ -284,6 +367,7 @@ StatusOr<DiskTierImpl::ReadTicket> DiskTierImpl::TicketFor(const Hash128& key, c
   if (model) KVAGENT_RETURN_IF_ERROR(CheckFingerprint(it->second.info.model, *model));
   auto f = files_.find(it->second.loc.file_no);
   if (f == files_.end()) return InternalError("disk tier: segment file of " + key.ToHex() + " is missing");
+  if (it->second.loc.file_no == active_no_) KVAGENT_RETURN_IF_ERROR(FlushActiveLocked());
   lru_.splice(lru_.begin(), lru_, it->second.lru);
   return ReadTicket{it->second.loc, it->second.info, f->second.reader};
 }
@@ -431,6 +515,7 @@ StatusOr<VerifyReport> DiskTierImpl::Verify(ProgressFn progress) {
   uint64_t total = 0;
   {
     std::lock_guard<std::mutex> l(mu_);
+    KVAGENT_RETURN_IF_ERROR(FlushActiveLocked());
     for (const auto& [k, e] : index_) {
       auto f = files_.find(e.loc.file_no);
       todo.emplace_back(k, ReadTicket{e.loc, e.info, f == files_.end() ? nullptr : f->second.reader});

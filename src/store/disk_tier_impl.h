@@ -24,6 +24,7 @@ class DiskTierImpl final : public DiskTier {
   ~DiskTierImpl() override;
 
   Status Put(const Segment& segment) override;
+  Status PutBatch(std::span<const Segment* const> segments, size_t* written) override;
   StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) override;
   Status ReadPayload(const Hash128& key, const Hash128& model, std::span<std::byte> dst) override;
   StatusOr<SegmentInfo> Info(const Hash128& key) override;
@@ -67,11 +68,23 @@ class DiskTierImpl final : public DiskTier {
   void ApplyScanned(const RecordHeader& h, uint64_t file_no, uint64_t offset, const Segment* meta);
 
   // --- writing (disk_tier.cc), all with mu_ held ---
-  // Appends one record (prefix, payload, zero padding) and syncs when options.sync. On any
-  // error the file is cut back to its previous length, so the tier is unchanged.
-  Status AppendLocked(std::span<const std::byte> prefix, std::span<const std::byte> payload, uint64_t record_len,
-                      uint64_t* file_no, uint64_t* offset);
+  // One record to append: prefix, payload, then zero padding up to record_len bytes.
+  struct AppendPiece {
+    std::span<const std::byte> prefix;
+    std::span<const std::byte> payload;
+    uint64_t record_len;
+  };
+  // Appends the records back to back to the active file (rolled over first if they do not
+  // fit), makes them visible to readers and, with options.sync, durable. All or nothing: on any
+  // error the file is cut back to its previous length, so the tier is unchanged. *file_no and
+  // *offsets (one per piece) say where they went.
+  Status AppendLocked(std::span<const AppendPiece> pieces, uint64_t* file_no, std::vector<uint64_t>* offsets);
   Status EnsureActiveLocked(uint64_t record_len);
+  // Opens the active segment file (direct I/O when options.direct_io).
+  StatusOr<std::unique_ptr<WritableFile>> OpenActiveLocked(const std::string& path, bool truncate);
+  // Makes every record appended to the active file visible to readers (a direct-I/O file
+  // stages appends in memory until Flush).
+  Status FlushActiveLocked();
   void RollbackActiveLocked(uint64_t file_no, uint64_t old_size);
   Status WriteTombstonesLocked(const std::vector<Hash128>& keys);
   void InsertLocked(const Hash128& key, const RecordLocation& loc, const SegmentInfo& info);
@@ -117,6 +130,10 @@ class DiskTierImpl final : public DiskTier {
   static constexpr size_t kCatalogBatchRecords = 512;
   static constexpr uint64_t kCatalogBatchBytes = 256ull << 20;
   std::unique_ptr<WritableFile> active_;
+  bool active_unflushed_ = false;  // records appended to active_ that readers cannot see yet
+  // Payloads at least this large and block-aligned in memory are written without a copy.
+  static constexpr size_t kDirectMinPayload = 256 << 10;
+  static constexpr size_t kDirectBlock = 4096;
   uint64_t active_no_ = 0;  // 0: no file open for appending
   uint64_t next_file_no_ = 1;
   std::unordered_map<Hash128, Entry, Hash128Hasher> index_;

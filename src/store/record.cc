@@ -99,8 +99,9 @@ Status DecodeHeader(std::span<const std::byte> in, RecordHeader* h) {
   if (Load<uint32_t>(p, 0) != kRecordMagic) return DataLossError("bad record magic");
   if (Load<uint64_t>(p, kChecksumAt) != Checksum64(std::span<const std::byte>(p, kChecksumAt)))
     return DataLossError("record header checksum mismatch");
-  if (Load<uint16_t>(p, 4) != kFormatVersion)
-    return DataLossError("unsupported record format version " + std::to_string(Load<uint16_t>(p, 4)));
+  const uint16_t version = Load<uint16_t>(p, 4);
+  if (version < kOldestFormatVersion || version > kFormatVersion)
+    return DataLossError("unsupported record format version " + std::to_string(version));
   if (Load<uint16_t>(p, 6) != kHeaderSize) return DataLossError("bad record header size");
   uint8_t kind = Load<uint8_t>(p, 8), codec = Load<uint8_t>(p, 9), dtype = Load<uint8_t>(p, 10);
   if (kind != static_cast<uint8_t>(RecordKind::kSegment) && kind != static_cast<uint8_t>(RecordKind::kTombstone))
@@ -131,7 +132,10 @@ Status DecodeHeader(std::span<const std::byte> in, RecordHeader* h) {
   if (h->meta_len > kMaxMetaBytes) return DataLossError("record metadata length out of range");
   uint64_t elements = BoundedElements(h->layout);
   if (elements == 0) return DataLossError("record layout out of range");
-  if (h->payload_offset != AlignUp(kHeaderSize + h->meta_len)) return DataLossError("bad record payload offset");
+  const uint64_t min_offset = AlignUp(kHeaderSize + h->meta_len);
+  const uint64_t max_offset = min_offset + (version >= 2 ? kMaxPayloadPad : 0);
+  if (h->payload_offset < min_offset || h->payload_offset > max_offset || h->payload_offset % kAlign != 0)
+    return DataLossError("bad record payload offset");
   if (h->payload_len != EncodedSize(h->layout, h->codec))
     return DataLossError("record payload length disagrees with layout");
   if (h->record_len != AlignUp(h->payload_offset + h->payload_len)) return DataLossError("bad record length");
@@ -193,6 +197,19 @@ EncodedRecord BuildSegmentRecord(const Segment& s, CodecKind codec, std::span<co
   EncodeHeader(h, reinterpret_cast<std::byte*>(rec.prefix.data()));
   std::memcpy(rec.prefix.data() + kHeaderSize, meta.data(), meta.size());
   return rec;
+}
+
+uint32_t PadPayloadToBlock(EncodedRecord* rec, uint64_t record_start, uint32_t block) {
+  RecordHeader& h = rec->header;
+  const uint64_t unpadded = AlignUp(kHeaderSize + h.meta_len);
+  const uint32_t pad = static_cast<uint32_t>((block - (record_start + unpadded) % block) % block);
+  if (unpadded + pad == h.payload_offset) return pad;
+  h.payload_offset = static_cast<uint32_t>(unpadded + pad);
+  h.record_len = AlignUp(h.payload_offset + h.payload_len);
+  rec->prefix.resize(unpadded);
+  rec->prefix.resize(h.payload_offset, '\0');
+  EncodeHeader(h, reinterpret_cast<std::byte*>(rec->prefix.data()));
+  return pad;
 }
 
 EncodedRecord BuildTombstone(const Hash128& key) {

@@ -20,7 +20,11 @@
 namespace kvagent::disk {
 
 inline constexpr uint32_t kRecordMagic = 0x3153564bu;  // "KVS1" little-endian
-inline constexpr uint16_t kFormatVersion = 1;
+// Version 2 lets a writer pad between metadata and payload (up to kMaxPayloadPad bytes) so the
+// payload starts on a file block boundary for direct I/O; readers accept versions 1 and 2.
+inline constexpr uint16_t kFormatVersion = 2;
+inline constexpr uint16_t kOldestFormatVersion = 1;
+inline constexpr uint32_t kMaxPayloadPad = 4096 - 64;
 inline constexpr size_t kHeaderSize = 128;
 inline constexpr size_t kAlign = 64;
 // Sanity bounds a header must respect (reject absurd lengths before allocating).
@@ -67,6 +71,11 @@ struct EncodedRecord {
 };
 EncodedRecord BuildSegmentRecord(const Segment& s, CodecKind codec, std::span<const std::byte> encoded_payload);
 EncodedRecord BuildTombstone(const Hash128& key);
+// Pads `rec` (a segment record built by BuildSegmentRecord, padded before or not) so that its
+// payload starts at a multiple of `block` (a power of two, at most 4096) in the file when the
+// record starts at file offset `record_start` (a multiple of kAlign): sets payload_offset and
+// record_len, re-encodes the header. Returns the padding (0..block-64 bytes).
+uint32_t PadPayloadToBlock(EncodedRecord* rec, uint64_t record_start, uint32_t block);
 
 // SegmentInfo as stored in the catalog (compact wire form).
 std::string EncodeInfo(const SegmentInfo& info);

@@ -17,6 +17,7 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const StoreOptions& options) {
     // once per batch of queued records (group commit) instead of the tier syncing every record.
     d.sync = options.sync && !options.write_behind;
     d.codec = options.disk_codec;
+    d.direct_io = options.disk_direct_io;
     d.env = options.env;
     KVAGENT_ASSIGN_OR_RETURN(disk, DiskTier::Open(d));
   }

@@ -90,6 +90,7 @@ class TieredStore final : public Store {
   uint64_t next_seq_ = 1;
   uint64_t done_seq_ = 0;  // seq of the last op the writer finished; ops are applied in seq order
   size_t failed_count_ = 0;
+  size_t in_flight_ = 0;  // ops of the batch the writer is applying
   uint64_t write_errors_ = 0;
   Status last_write_error_;
   bool closing_ = false;
@@ -130,7 +131,10 @@ Status TieredStore::Put(SegmentHandle segment) {
 Status TieredStore::WaitForSlotLocked(std::unique_lock<std::mutex>& lock) {
   for (;;) {
     if (closing_) return ClosedError();
-    if (queue_.size() + failed_count_ < options_.write_queue_limit) return Status::Ok();
+    // The writer's batch counts beyond its first op: at most write_queue_limit + 1 segments
+    // wait for the disk, as when the writer took one op at a time.
+    const size_t extra_in_flight = in_flight_ > 0 ? in_flight_ - 1 : 0;
+    if (queue_.size() + failed_count_ + extra_in_flight < options_.write_queue_limit) return Status::Ok();
     if (failed_count_ > 0)
       return UnavailableError("write-behind queue is full of failed disk writes (" + std::to_string(failed_count_) +
                               " segments kept in memory; Flush() retries them): " + last_write_error_.ToString());
@@ -147,28 +151,52 @@ void TieredStore::EnqueueLocked(const Hash128& key, SegmentHandle segment) {
 }
 
 void TieredStore::WriterLoop() {
+  // Consecutive queued Puts go to the disk tier as one batch (up to kBatchBytes of payload or
+  // kBatchSegments), so it writes them out together; a Delete is applied on its own.
+  constexpr uint64_t kBatchBytes = 4ull << 20;
+  constexpr size_t kBatchSegments = 256;
+  struct Item {
+    Op op;
+    SegmentHandle segment;  // null: a delete
+  };
+  std::vector<Item> batch;
+  std::vector<const Segment*> puts;
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
     if (queue_.empty()) return;  // stop_ and drained
-    Op op = queue_.front();
-    queue_.pop_front();
-    cv_.notify_all();  // a slot is free for a waiting Put
-    auto it = pending_.find(op.key);
-    if (it == pending_.end() || it->second.seq != op.seq) {
-      // Superseded by a newer Put or Delete of the same key, which is queued behind this one.
-      done_seq_ = op.seq;
-      cv_.notify_all();
-      continue;
+    batch.clear();
+    uint64_t batch_bytes = 0;
+    uint64_t last_seq = 0;  // of every op taken off the queue, applied or skipped
+    while (!queue_.empty()) {
+      const Op op = queue_.front();
+      auto it = pending_.find(op.key);
+      const bool live = it != pending_.end() && it->second.seq == op.seq;
+      const bool is_delete = live && !it->second.segment;
+      if (!batch.empty() && (is_delete || batch.size() >= kBatchSegments || batch_bytes >= kBatchBytes)) break;
+      queue_.pop_front();
+      last_seq = op.seq;
+      // A superseded op (a newer Put or Delete of the same key is queued behind it) is skipped.
+      if (!live) continue;
+      batch.push_back(Item{op, it->second.segment});
+      if (is_delete) break;
+      batch_bytes += it->second.segment->PayloadBytes();
     }
-    SegmentHandle segment = it->second.segment;
+    if (batch.empty()) done_seq_ = last_seq;
+    in_flight_ = batch.size();
+    cv_.notify_all();  // slots are free for waiting Puts (and drains may be done)
+    if (batch.empty()) continue;
     lock.unlock();
     Status s;
-    if (segment) {
-      s = disk_->Put(*segment);
-    } else {
-      s = disk_->Delete(op.key);
+    size_t ok_count = 0;
+    if (!batch.front().segment) {
+      s = disk_->Delete(batch.front().op.key);
       if (s.code() == StatusCode::kNotFound) s = Status::Ok();
+      ok_count = s.ok() ? 1 : 0;
+    } else {
+      puts.clear();
+      for (const Item& item : batch) puts.push_back(item.segment.get());
+      s = disk_->PutBatch(puts, &ok_count);
     }
     // Group commit: one sync when the queue runs dry covers every record written since the
     // last one. Nothing under write-behind is acknowledged as durable before Flush(), which
@@ -179,13 +207,19 @@ void TieredStore::WriterLoop() {
         std::lock_guard<std::mutex> relock(mu_);
         batch_end = queue_.empty();
       }
-      if (batch_end) s = disk_->Sync();
+      if (batch_end) {
+        s = disk_->Sync();
+        if (!s.ok()) ok_count = 0;
+      }
     }
     lock.lock();
-    done_seq_ = op.seq;
-    it = pending_.find(op.key);
-    if (it != pending_.end() && it->second.seq == op.seq) {
-      if (s.ok()) {
+    done_seq_ = last_seq;
+    in_flight_ = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const Item& item = batch[i];
+      auto it = pending_.find(item.op.key);
+      if (it == pending_.end() || it->second.seq != item.op.seq) continue;
+      if (i < ok_count) {
         pending_.erase(it);
       } else {
         it->second.failed = true;
@@ -193,9 +227,11 @@ void TieredStore::WriterLoop() {
       }
     }
     if (!s.ok()) {
-      ++write_errors_;
+      write_errors_ += batch.size() - std::min(ok_count, batch.size());
+      const Item& first_failed = batch[std::min(ok_count, batch.size() - 1)];
       last_write_error_ =
-          s.WithContext(std::string(segment ? "write-behind put of " : "write-behind delete of ") + op.key.ToHex());
+          s.WithContext(std::string(first_failed.segment ? "write-behind put of " : "write-behind delete of ") +
+                        first_failed.op.key.ToHex());
     }
     cv_.notify_all();
   }
@@ -359,7 +395,7 @@ StoreStats TieredStore::Stats() {
     s.disk = disk_->Stats();
   }
   std::lock_guard<std::mutex> lock(mu_);
-  s.write_queue_depth = queue_.size() + failed_count_;
+  s.write_queue_depth = queue_.size() + failed_count_ + (in_flight_ > 0 ? in_flight_ - 1 : 0);
   s.write_errors = write_errors_;
   return s;
 }

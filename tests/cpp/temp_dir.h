@@ -13,8 +13,9 @@ namespace kvagent::testing {
 
 class TempDir {
  public:
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
+  // Under `base` when given (e.g. "." for the build directory's file system), else $TMPDIR.
+  explicit TempDir(const char* base = nullptr) {
+    if (base == nullptr) base = std::getenv("TMPDIR");
     std::string tmpl = std::string(base && *base ? base : "/tmp") + "/kvagent-test-XXXXXX";
     char* p = ::mkdtemp(tmpl.data());
     EXPECT_NE(p, nullptr);
