@@ -384,6 +384,7 @@ __global__ void __launch_bounds__(kThreads, 2) MoveKernel(const __grid_constant_
 template <typename T, int kUnroll>
 __global__ void __launch_bounds__(kThreads, 3) PairKernel(const __grid_constant__ MoveParams p, int lpb, int log2p) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static_assert(kTileTokens == 16, "row index = (k|v, head) << 4 | token");
   using V = Vec<T, kVec>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Smem sm = SmemOf(smem_raw, p.max_half);
