@@ -376,11 +376,12 @@ __global__ void __launch_bounds__(kThreads, 2) MoveKernel(const __grid_constant_
 // P = 2^log2p vector pairs (d, d + D/2), and per layer either no rotation or rotation of the
 // whole head (rotary_dim == D: half-split pairs are exactly the rotation partners; interleaved
 // pairs rotate within each vector). One block moves one tile for a group of `lpb` launch
-// layers (gridDim.y groups), so the rows' engine offsets, and the cos/sin table when the
-// group's layers share one rotation, are computed once for the whole group; the per-element
-// index arithmetic is shifts and masks, and each thread has 2 * kUnroll 16-byte loads in
-// flight before its first store. A group with a partial rotary dim on some layer falls back
-// to the generic path inside the block.
+// layers (gridDim.y groups; 1 by default, see LaunchPair), with the rows' engine offsets, and
+// the cos/sin table when the group's layers share one rotation, computed once per group. Over
+// the generic kernel (62% of D2D memcpy on the H200 with rotation): the per-element index
+// arithmetic is shifts and masks instead of divisions, each thread has 2 * kUnroll 16-byte
+// loads in flight before its first store, and 80 registers (not 115) allow 3 blocks per SM.
+// A group with a partial rotary dim on some layer falls back to the generic path in-block.
 template <typename T, int kUnroll>
 __global__ void __launch_bounds__(kThreads, 3) PairKernel(const __grid_constant__ MoveParams p, int lpb, int log2p) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -546,18 +547,10 @@ int EnvInt(const char* name, int fallback) {
 
 template <typename T>
 cudaError_t LaunchPair(const MoveParams& p, int log2p, cudaStream_t stream) {
-  int lpb = EnvInt("KVAGENT_KV_MOVE_LPB", 0);
-  if (lpb <= 0) {
-    // Enough blocks to fill the device several times over, else more layers per block.
-    int dev = 0, sms = 132;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return cudaGetLastError();
-    lpb = 1;
-    while (lpb < 8 && static_cast<int64_t>(p.num_tiles) * ((p.num_layers + 2 * lpb - 1) / (2 * lpb)) >= 8LL * sms)
-      lpb *= 2;
-  }
-  lpb = std::min(lpb, p.num_layers);
+  // One layer per block by default: on an H200 (2026-11-28, 16k tokens of Llama-3.1-8B-shaped
+  // KV, rotation on) 1 layer per block reached 94.0% of the D2D memcpy rate against 91.2% for 8;
+  // sharing the cos/sin table across layers saves less than the coarser grid costs.
+  const int lpb = std::clamp(EnvInt("KVAGENT_KV_MOVE_LPB", 1), 1, p.num_layers);
   dim3 grid(static_cast<unsigned>(p.num_tiles), static_cast<unsigned>((p.num_layers + lpb - 1) / lpb));
   const size_t smem = MoveSharedBytes(p.max_half);
   switch (EnvInt("KVAGENT_KV_MOVE_UNROLL", 4)) {

@@ -85,7 +85,7 @@ def test_static_prefill_steps_and_errors():
     eng = HFEngine(model, cuda_graphs=True)
     parts = _context(eng, [10, 10])
     runner = eng.static_prefill(16, 3)
-    with pytest.raises(ValueError, match="capacity"):
+    with pytest.raises(ValueError, match="more than the capacity 16"):
         runner.load(parts)
     runner = eng.static_prefill(32, 3)
     assert isinstance(runner, StaticPrefill) and runner.load(parts) == 20

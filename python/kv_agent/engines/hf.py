@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -150,6 +151,11 @@ class HFEngine:
         if self.dtype not in _DTYPES:
             raise ValueError(f"model dtype must be float32, float16 or bfloat16, got {self.dtype}")
         self._fingerprint = None
+        # transformers renamed the forward's cache argument (past_key_values -> cache, around 5.2x);
+        # the other name would vanish into **kwargs and the forward would silently run without
+        # the injected context, so use the one this version declares.
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.cuda_graphs = bool(cuda_graphs)
         self._static = {}  # (kind, shape...) -> hf_static runner
         if self.cuda_graphs:
@@ -237,10 +243,10 @@ class HFEngine:
     def _forward(self, ids: torch.Tensor, cache, start: int, last_logits_only: bool):
         pos = torch.arange(start, start + ids.numel(), device=self.device).unsqueeze(0)
         kwargs = {"logits_to_keep": 1} if last_logits_only else {}
+        kwargs[self._cache_arg] = cache
         out = self.model(
             input_ids=ids.to(self.device).unsqueeze(0),
             position_ids=pos,
-            cache=cache,
             use_cache=True,
             **kwargs,
         )
