@@ -82,7 +82,11 @@ struct MoveParams {
   int64_t pos_old_base;
 };
 
-// Moves K and V of every item for every launch layer in one launch.
+// Moves K and V of every item for every launch layer in one launch. Two kernels: the pair
+// kernel (16-byte vectors, head_dim / (2 vec) a power of two <= 32, no int8; several layers per
+// block, see kv_kernels.cu) and the generic one for everything else. The environment variables
+// KVAGENT_KV_MOVE=generic, KVAGENT_KV_MOVE_LPB and KVAGENT_KV_MOVE_UNROLL override the choice
+// and the launch shape (benchmarks and tests compare them; results are identical).
 // Preconditions (checked by the caller): `vec` in {1, 2, 4, 8, 16 / sizeof(elem)} divides head_dim,
 // every rotary_dim / 2 (half-split) or rotary_dim (interleaved, vec even or rotation off), every
 // stride, and every pointer is aligned to vec elements (vec bytes for int8 data); items and

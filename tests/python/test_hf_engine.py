@@ -363,3 +363,32 @@ def test_model_spec_and_fingerprint():
     with torch.no_grad():
         other.model.layers[3].mlp.up_proj.weight[0, 0] += 1e-3
     assert HFEngine(other).weights_fingerprint() != same
+
+
+def test_forward_uses_the_cache_argument_name_of_the_installed_transformers():
+    """transformers renamed the forward's cache argument (past_key_values -> cache); the other name
+    would be swallowed by **kwargs and the prefill would silently ignore the injected context."""
+    model = _tiny("llama")
+    inner = type(model)
+
+    class OldApi(inner):  # a model whose forward declares only the old name
+        def forward(self, input_ids=None, position_ids=None, past_key_values=None, use_cache=None, **kw):
+            return inner.forward(self, input_ids=input_ids, position_ids=position_ids, cache=past_key_values,
+                                 use_cache=use_cache, **kw)
+
+    old = HFEngine(model)
+    assert old._cache_arg == "cache"
+    model.__class__ = OldApi
+    try:
+        eng = HFEngine(model)
+        assert eng._cache_arg == "past_key_values"
+        ids = torch.arange(3, 20)
+        caps, _ = eng.capture_turns([ids[:10]])
+        with_ctx = eng.prefill(ids[10:], eng.build_cache(caps[0].kv))
+        without = eng.prefill(ids[10:], eng.new_cache())
+        model.__class__ = inner
+        want = old.prefill(ids[10:], old.build_cache(caps[0].kv))
+    finally:
+        model.__class__ = inner
+    assert torch.allclose(with_ctx, want, atol=1e-5)
+    assert not torch.allclose(with_ctx, without, atol=1e-3)

@@ -76,6 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("--index-layers", default="",
                     help="layers the index scores, e.g. '0-7' (default: 8 evenly spaced); the query-Q forward "
                          "stops after the last one, so early layers make it cheaper")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time kv-memory with the adapter's CUDA-graph option (HFEngine(cuda_graphs=True)): "
+                         "query-Q and the query prefill replay captured graphs over a static cache; the eager "
+                         "kv-memory path is timed in the same run (kv_eager_* columns)")
     ap.add_argument("--tiny", action="store_true", help="tiny random model on any device (plumbing check)")
     ap.add_argument("--skip-offloaded", action="store_true")
     ap.add_argument("--out", default="bench/out/gpu_ttft")
@@ -101,6 +105,12 @@ def main(argv=None) -> int:
     model.eval()
     init_s = time.perf_counter() - t0
     engine = HFEngine(model)
+    graphs_ok = False
+    if args.cuda_graphs:
+        from kv_agent.engines import hf_static
+
+        hf_static.check_supported(engine)  # the option's precondition; raises if unsupported
+        graphs_ok = True
     from kv_agent import _core
 
     # Random weights: a fixed identity instead of hashing 16 GB of parameters.
@@ -153,8 +163,9 @@ def main(argv=None) -> int:
         q_ids = ids[0, H:].tolist()
 
         # ---- kv-memory
-        def kv_memory():
+        def kv_memory(graphs: bool):
             t = {}
+            engine.cuda_graphs = graphs
             t0 = time.perf_counter()
             qd = engine.query_q(q_ids, layers=layers)
             qv = torch.stack([qd[i] for i in layers]).float().cpu()
@@ -162,6 +173,23 @@ def main(argv=None) -> int:
             hits = index.search(qv.numpy(), top_k=0, token_budget=B)
             t2 = time.perf_counter()
             sel = sorted(int(h.turn) for h in hits)
+            if graphs:
+                # The adapter's static path: pinned segments DMA'd into its staging buffer, one
+                # graph rotates + fills the static cache, one graph runs the query.
+                runner = engine.static_prefill(B, Q)
+                n = runner.load([host[i] for i in sel])
+                sync(dev)
+                t3 = time.perf_counter()
+                runner.inject(0)
+                sync(dev)
+                t4 = time.perf_counter()
+                runner.forward(q_ids)
+                sync(dev)
+                t5 = time.perf_counter()
+                t.update(query_q_s=t1 - t0, search_s=t2 - t1, load_s=t3 - t2, rotate_s=t4 - t3, prefill_s=t5 - t4,
+                         total_s=t5 - t0, loaded_tokens=n,
+                         load_gbs=n * bytes_per_token / max(t3 - t2, 1e-9) / 1e9)
+                return t
             # Each selected segment is one contiguous pinned block: DMA it straight to the device.
             kv = torch.empty((len(sel), L, 2, Hkv, S, D), device=dev, dtype=dtype)
             for j, i in enumerate(sel):
@@ -188,11 +216,16 @@ def main(argv=None) -> int:
                      total_s=t5 - t0, loaded_tokens=n, load_gbs=n * bytes_per_token / max(t3 - t2, 1e-9) / 1e9)
             return t
 
-        kv_memory()
-        runs = [kv_memory() for _ in range(args.repeats)]
-        for k in runs[0]:
-            row[f"kv_{k}"] = statistics.median(r[k] for r in runs)
+        modes = [("kv_eager_", False), ("kv_", True)] if graphs_ok else [("kv_", False)]
+        for prefix, graphs in modes:
+            kv_memory(graphs)  # warm-up (and graph capture)
+            runs = [kv_memory(graphs) for _ in range(args.repeats)]
+            for k in runs[0]:
+                row[f"{prefix}{k}"] = statistics.median(r[k] for r in runs)
+        engine.cuda_graphs = False
         row["speedup_vs_full"] = row["full_recompute_s"] / row["kv_total_s"]
+        if graphs_ok:
+            row["eager_speedup_vs_full"] = row["full_recompute_s"] / row["kv_eager_total_s"]
 
         # ---- transformers' offloaded cache holding the whole history
         if not args.skip_offloaded and dev.type == "cuda":
@@ -230,15 +263,19 @@ def main(argv=None) -> int:
     meta = {"device": gpu_name, "torch": torch.__version__, "dtype": str(dtype), "h2d_pinned_gbs": h2d_gbs,
             "kv_bytes_per_token": bytes_per_token, "weights": "random (timing only)", "tiny": args.tiny,
             "date": time.strftime("%Y-%m-%d"), "budget": B, "segment_tokens": S,
-            "index_layers": args.index_layers or "default"}
+            "index_layers": args.index_layers or "default",
+            "kv_path": "cuda graphs (HFEngine cuda_graphs=True); eager path in kv_eager_*" if graphs_ok
+            else "eager"}
     (out / "gpu_ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    hdr = ("| history | full recompute s | offloaded cache s | kv-memory TTFT s | speedup | query-Q ms | search ms "
-           "| load ms (GB/s) | rotate ms | prefill ms |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    hdr = ("| history | full recompute s | offloaded cache s | kv-memory eager s | kv-memory TTFT s | speedup "
+           "| query-Q ms | search ms | load ms (GB/s) | rotate ms | prefill ms |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         off = f"{r['offloaded_cache_s']:.3f}" if "offloaded_cache_s" in r else "-"
+        eager = f"{r['kv_eager_total_s']:.4f}" if "kv_eager_total_s" in r else "-"
         lines.append(
-            f"| {r['history_tokens']} | {r['full_recompute_s']:.3f} | {off} | {r['kv_total_s']:.4f} | "
+            f"| {r['history_tokens']} | {r['full_recompute_s']:.3f} | {off} | {eager} | {r['kv_total_s']:.4f} | "
             f"{r['speedup_vs_full']:.0f}x | {1e3 * r['kv_query_q_s']:.1f} | {1e3 * r['kv_search_s']:.1f} | "
             f"{1e3 * r['kv_load_s']:.1f} ({r['kv_load_gbs']:.1f}) | {1e3 * r['kv_rotate_s']:.1f} | "
             f"{1e3 * r['kv_prefill_s']:.1f} |")
@@ -256,7 +293,10 @@ def main(argv=None) -> int:
         ax.plot(xs, [r["full_recompute_s"] for r in rows], "o-", label="full recompute")
         if all("offloaded_cache_s" in r for r in rows):
             ax.plot(xs, [r["offloaded_cache_s"] for r in rows], "s-", label="transformers offloaded cache")
-        ax.plot(xs, [r["kv_total_s"] for r in rows], "^-", label=f"kv-memory ({B}-token budget)")
+        if all("kv_eager_total_s" in r for r in rows):
+            ax.plot(xs, [r["kv_eager_total_s"] for r in rows], "v--", label=f"kv-memory eager ({B}-token budget)")
+        graphs_label = ", CUDA graphs" if graphs_ok else ""
+        ax.plot(xs, [r["kv_total_s"] for r in rows], "^-", label=f"kv-memory ({B}-token budget{graphs_label})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("history tokens")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -111,7 +112,11 @@ class HFEngine:
     Shapes use L = layers, Hkv = KV heads, Hq = query heads, D = head_dim, T = tokens.
     """
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, *, cuda_graphs: bool = False):
+        """``cuda_graphs``: run ``query_q`` (without a prefix) and ``prefill_context`` as static-shape
+        forwards replayed from CUDA graphs (``kv_agent.engines.hf_static``; Llama/Qwen2/Qwen3 with
+        full attention; ValueError otherwise). A graph is captured per query length (and context
+        capacity) on first use; on a CPU model the same static path runs without graphs."""
         cfg = (
             model.config.get_text_config(decoder=True)
             if hasattr(model.config, "get_text_config")
@@ -146,6 +151,17 @@ class HFEngine:
         if self.dtype not in _DTYPES:
             raise ValueError(f"model dtype must be float32, float16 or bfloat16, got {self.dtype}")
         self._fingerprint = None
+        # transformers renamed the forward's cache argument (past_key_values -> cache, around 5.2x);
+        # the other name would vanish into **kwargs and the forward would silently run without
+        # the injected context, so use the one this version declares.
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cuda_graphs = bool(cuda_graphs)
+        self._static = {}  # (kind, shape...) -> hf_static runner
+        if self.cuda_graphs:
+            from kv_agent.engines import hf_static
+
+            hf_static.check_supported(self)
 
     # ------------------------------------------------------------------ identity
     def weights_fingerprint(self) -> kv_agent.Hash128:
@@ -227,10 +243,10 @@ class HFEngine:
     def _forward(self, ids: torch.Tensor, cache, start: int, last_logits_only: bool):
         pos = torch.arange(start, start + ids.numel(), device=self.device).unsqueeze(0)
         kwargs = {"logits_to_keep": 1} if last_logits_only else {}
+        kwargs[self._cache_arg] = cache
         out = self.model(
             input_ids=ids.to(self.device).unsqueeze(0),
             position_ids=pos,
-            cache=cache,
             use_cache=True,
             **kwargs,
         )
@@ -348,6 +364,13 @@ class HFEngine:
         layers = sorted(set(range(self.num_layers) if layers is None else layers))
         if not layers or layers[0] < 0 or layers[-1] >= self.num_layers:
             raise ValueError(f"layers must be within [0, {self.num_layers}), got {layers}")
+        if self.cuda_graphs and prefix_kv is None:
+            key = ("q", int(ids.numel()), tuple(layers))
+            if key not in self._static:
+                from kv_agent.engines.hf_static import StaticQueryQ
+
+                self._static[key] = StaticQueryQ(self, int(ids.numel()), layers)
+            return self._static[key](ids)
         cache = self.build_cache(prefix_kv) if prefix_kv is not None else self.new_cache()
         start = self._next_pos(cache)
         with (
@@ -356,6 +379,38 @@ class HFEngine:
         ):
             self._forward(ids, cache, start, last_logits_only=True)
         return {i: rec["q"][i] for i in layers}
+
+    def static_prefill(self, capacity: int, query_tokens: int):
+        """The (cached) ``hf_static.StaticPrefill`` runner for up to ``capacity`` context tokens and
+        ``query_tokens`` query tokens: load / inject / forward as separate steps (for timing)."""
+        key = ("prefill", int(capacity), int(query_tokens))
+        if key not in self._static:
+            from kv_agent.engines.hf_static import StaticPrefill
+
+            self._static[key] = StaticPrefill(self, int(capacity), int(query_tokens))
+        return self._static[key]
+
+    @torch.no_grad()
+    def prefill_context(self, kv_parts, token_ids, start: int = 0, capacity: int | None = None) -> torch.Tensor:
+        """Logits [vocab] of the last of ``token_ids`` run after a planned context: the parts
+        (canonical [L, 2, Hkv, t, D], K pre-RoPE; any device, pinned host memory copies
+        asynchronously) concatenated at positions start.. . The same as
+        ``prefill(token_ids, build_cache(concat_kv(kv_parts), start))`` within rounding; with
+        ``cuda_graphs`` the rotation and the forward are CUDA graph replays over a static cache of
+        ``capacity`` context slots (default: the context length rounded up to a power of two,
+        at least 256, so similar contexts share one graph)."""
+        ids = _as_ids(token_ids)
+        parts = [p for p in kv_parts if p is not None and p.shape[3] > 0]
+        if not self.cuda_graphs:
+            if parts:
+                cache = self.build_cache(concat_kv(parts), start)
+            else:
+                cache = self.new_cache()
+                cache.kv_agent_start = int(start)
+            return self.prefill(ids, cache).float()
+        n = sum(int(p.shape[3]) for p in parts)
+        cap = capacity or max(256, 1 << max(0, n - 1).bit_length())
+        return self.static_prefill(cap, int(ids.numel()))(parts, ids, start)
 
     # ------------------------------------------------------- prefill / decode
     @torch.no_grad()

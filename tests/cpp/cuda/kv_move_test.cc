@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -52,7 +53,8 @@ struct Case {
   DType dtype = DType::kBF16;
   int head_dim = 128;
   int heads = 3;
-  int layers = 4;  // model layers: 0 default, 1 llama3, 2 yarn, 3 NoPE
+  int layers = 4;             // model layers: 0 default, 1 llama3, 2 yarn, 3 NoPE (repeating)
+  bool uniform_rope = false;  // every layer llama3 (one shared table)
   int layer_begin = 0;
   int num_layers = -1;  // -1: layers - layer_begin
   Layout layout = Layout::kPaged;
@@ -76,7 +78,8 @@ struct Case {
                     (interleaved ? " interleaved" : "") + " rd" + std::to_string(rotary_dim) + " pad" +
                     std::to_string(pad) + (misalign ? " misaligned" : "") + (null_slots ? " null_slots" : "") +
                     (null_positions ? " null_pos" : "") + (pinned_source ? " pinned" : "") + " layers[" +
-                    std::to_string(layer_begin) + "," + std::to_string(num_layers) + "]";
+                    std::to_string(layer_begin) + "," + std::to_string(num_layers) + "] of " + std::to_string(layers) +
+                    (uniform_rope ? " uniform" : "");
     return n;
   }
 };
@@ -95,7 +98,7 @@ ModelSpec SpecFor(const Case& c) {
     RopeSpec& r = ls.rope;
     r.rotary_dim = c.rotary_dim;
     r.style = c.interleaved ? RopeStyle::kInterleaved : RopeStyle::kHalfSplit;
-    switch (l % 4) {
+    switch (c.uniform_rope ? 1 : l % 4) {
       case 0:
         r.theta = 10000;
         break;
@@ -668,6 +671,59 @@ TEST_F(KvMoveGrid, AwkwardViewsAndVariants) {
       RunCase(c, seed++);
     }
     if (HasFailure()) return;
+  }
+}
+
+// The pair kernel moves several layers per block: force groups of 4 layers over the mixed
+// default / llama3 / yarn / NoPE layers (per-layer tables, copy-only layers), partial rotary
+// (generic fallback inside the block) and both directions; and the generic kernel alone.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
+  ~ScopedEnv() { unsetenv(name_); }
+
+ private:
+  const char* name_;
+};
+
+TEST_F(KvMoveGrid, PairKernelLayerGroupsAndGenericKernel) {
+  uint32_t seed = 500;
+  for (const char* mode : {"pair_groups", "generic"}) {
+    ScopedEnv lpb("KVAGENT_KV_MOVE_LPB", "4");
+    ScopedEnv which("KVAGENT_KV_MOVE", std::strcmp(mode, "generic") == 0 ? "generic" : "pair");
+    for (DType dt : kDTypes)
+      for (int D : {64, 128, 256}) {
+        Case c;
+        c.dtype = dt;
+        c.head_dim = D;
+        c.heads = D == 256 ? 2 : 4;
+        c.rotation = Rotation::kApply;
+        c.span_tokens = {17, 1, 40};
+        for (bool uniform : {false, true}) {
+          c.uniform_rope = uniform;
+          c.layers = uniform ? 6 : 4;  // groups of 4 and 2 layers
+          c.save = false;
+          c.rotation = Rotation::kApply;
+          RunCase(c, seed++);
+          c.save = true;
+          c.rotation = Rotation::kInverse;
+          RunCase(c, seed++);
+          c.save = false;
+          c.rotation = Rotation::kNone;
+          RunCase(c, seed++);
+        }
+        if (HasFailure()) return;
+      }
+    for (bool il : {false, true}) {
+      Case c;  // partial rotary on a pair-kernel shape
+      c.interleaved = il;
+      c.rotary_dim = 64;
+      c.head_dim = 128;
+      c.rotation = Rotation::kShift;
+      c.layout = Layout::kPagedFused;
+      RunCase(c, seed++);
+      if (HasFailure()) return;
+    }
   }
 }
 
