@@ -169,7 +169,7 @@ class CudaDeviceCache final : public DeviceCache {
   }
 
   DeviceCacheOptions opt_;
-  std::unique_ptr<cuda::DeviceTier> tier_;       // destroyed after xfer_ (declared first)
+  std::unique_ptr<cuda::DeviceTier> tier_;  // destroyed after xfer_ (declared first)
   std::unique_ptr<cuda::TransferEngine> xfer_;
   std::mutex mu_;
   std::unordered_map<Hash128, MetaEntry, Hash128Hasher> meta_;
