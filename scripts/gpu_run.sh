@@ -6,7 +6,7 @@
 # needs GTest, SQLite and xxHash development files on this machine. Then runs the CUDA unit and
 # gpu tests, the gpu pytest suite (when the bundle holds the Python extension), the KV benchmark
 # and the index search benchmark; logs and CSVs go to $OUT (default ./out/gpu).
-# GPU_RUN_BENCH=0 skips the benchmarks; GPU_RUN_PYTEST=0 skips pytest.
+# GPU_RUN_BENCH=0 skips the benchmarks; GPU_RUN_PYTEST=0 skips pytest; PYTEST_TARGETS narrows it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu}
@@ -68,7 +68,7 @@ done
 # The gpu pytest suite against the bundle's extension (built with CUDA by gpu_prebuild.sh).
 if [ "${GPU_RUN_PYTEST:-1}" != 0 ] && ls "$BIN"/_core*.so > /dev/null 2>&1; then
   cp "$BIN"/_core*.so python/kv_agent/
-  PYTHONPATH=$PWD/python timeout 300 "${PYTHON:-python3}" -m pytest tests/python -m gpu -q -p no:cacheprovider \
+  PYTHONPATH=$PWD/python timeout 300 "${PYTHON:-python3}" -m pytest ${PYTEST_TARGETS:-tests/python} -m gpu -q -p no:cacheprovider \
     > "$OUT/pytest_gpu.log" 2>&1
   rc=$?
   summary+="pytest -m gpu rc=$rc: $(tail -1 "$OUT/pytest_gpu.log")"$'\n'
