@@ -41,7 +41,7 @@ const DeviceSegment& Get(const PyDeviceSegment& s) {
 }
 
 // [layers, 2, heads, tokens, dim] (or a K/V half) of the device payload as a CUDA array;
-// framework 'torch' gives a torch tensor, 'dlpack' an object with __dlpack__.
+// framework 'torch' gives a torch tensor, 'dlpack' a DLPack capsule.
 nb::object ExportDevice(nb::handle owner, const DeviceSegment& d, int kvi, std::optional<int> layer,
                         const std::string& framework) {
   const SegmentLayout& l = d.meta()->layout;
@@ -116,7 +116,7 @@ void RegisterDeviceSegment(nb::module_& m) {
           },
           "framework"_a = "torch",
           "[layers, 2, kv_heads, tokens, head_dim] CUDA tensor over the device payload (no copy). framework:\n"
-          "'torch' or 'dlpack' (an object with __dlpack__). Treat it as read-only.")
+          "'torch' or 'dlpack' (a DLPack capsule, e.g. for torch.from_dlpack). Treat it as read-only.")
       .def(
           "k",
           [](nb::handle self, std::optional<int> layer, const std::string& framework) {
@@ -132,11 +132,13 @@ void RegisterDeviceSegment(nb::module_& m) {
           "layer"_a = nb::none(), "framework"_a = "torch", "Values, as k().")
       .def(
           "__dlpack__",
-          [](nb::handle self, nb::kwargs kw) {
-            nb::object a = ExportDevice(self, Get(nb::cast<const PyDeviceSegment&>(self)), -1, std::nullopt, "dlpack");
-            return a.attr("__dlpack__")(**kw);
+          [](nb::handle self, nb::kwargs) {
+            // nanobind exports a framework-less ndarray as the DLPack capsule itself, which is
+            // what __dlpack__ returns. The bytes are ready on every stream (GetDevice waited for
+            // the load), so the consumer's `stream` needs no synchronisation.
+            return ExportDevice(self, Get(nb::cast<const PyDeviceSegment&>(self)), -1, std::nullopt, "dlpack");
           },
-          "DLPack export of kv() (kDLCUDA).")
+          "DLPack capsule of kv() (kDLCUDA); keyword arguments (stream, max_version, ...) are accepted and ignored.")
       .def("__dlpack_device__",
            [](const PyDeviceSegment& s) { return nb::make_tuple(int(nb::device::cuda::value), Get(s).device()); })
       .def(
