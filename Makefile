@@ -77,9 +77,11 @@ test: test-cpp test-py test-sanitize
 
 # In-tree development build of the extension without pip: build-py/ + a symlink in
 # python/kv_agent, used with PYTHONPATH=python (several work trees can share one venv).
+# PYDEV_CUDA=ON builds the CUDA bindings in (kv_agent.cuda, Store.get_device; needs nvcc).
+PYDEV_CUDA ?= OFF
 pydev: deps-apt
 	cmake -S . -B build-py -G Ninja -DKVAGENT_BUILD_PYTHON=ON -DKVAGENT_BUILD_TESTS=OFF -DKVAGENT_BUILD_BENCH=OFF \
-	  -DKVAGENT_CUDA=OFF -DPython_EXECUTABLE=$(abspath $(PY))
+	  -DKVAGENT_CUDA=$(PYDEV_CUDA) -DPython_EXECUTABLE=$(abspath $(PY))
 	cmake --build build-py -j $(JOBS)
 	cd python/kv_agent && ln -sf ../../build-py/bindings/$$(cd ../../build-py/bindings && ls _core*.so) .
 

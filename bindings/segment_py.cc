@@ -159,13 +159,6 @@ nb::object ExportArray(nb::handle owner, const std::byte* data, DType dt, std::v
   Raise(InvalidArgumentError("framework must be 'numpy' or 'torch', got '" + framework + "'"));
 }
 
-template <typename T>
-nb::object ExportVector(nb::handle owner, const std::vector<T>& v) {
-  size_t n = v.size();
-  nb::ndarray<nb::numpy, const T> arr(v.data(), 1, &n, owner);
-  return nb::cast(arr, nb::rv_policy::reference);
-}
-
 int CheckLayer(const Segment& s, int layer) {
   if (layer < -s.layout.num_layers || layer >= s.layout.num_layers)
     Raise(OutOfRangeError("layer " + std::to_string(layer) + " out of range for a segment with " +

@@ -2,6 +2,9 @@
 #pragma once
 
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <vector>
 
 #include "kvagent/segment.h"
 
@@ -12,5 +15,13 @@ namespace kvagent::py {
 struct PySegment {
   SegmentHandle seg;
 };
+
+// A read-only numpy view of `v` (tokens, positions); `owner` stays alive as long as it does.
+template <typename T>
+nanobind::object ExportVector(nanobind::handle owner, const std::vector<T>& v) {
+  size_t n = v.size();
+  nanobind::ndarray<nanobind::numpy, const T> arr(v.data(), 1, &n, owner);
+  return nanobind::cast(arr, nanobind::rv_policy::reference);
+}
 
 }  // namespace kvagent::py

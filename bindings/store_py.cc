@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "device_segment_py.h"
 #include "errors.h"
 #include "kvagent/codec.h"
 #include "kvagent/store.h"
@@ -157,16 +158,19 @@ nb::dict StatsDict(const StoreStats& s) {
   nb::dict d;
   d["host"] = TierDict(s.host, false);
   d["disk"] = s.has_disk ? nb::object(TierDict(s.disk, true)) : nb::none();
+  d["device"] = s.has_device ? nb::object(TierDict(s.device, false)) : nb::none();
   d["promotions"] = s.promotions;
   d["write_queue_depth"] = s.write_queue_depth;
   d["write_errors"] = s.write_errors;
   d["has_disk"] = s.has_disk;
+  d["has_device"] = s.has_device;
   return d;
 }
 
 std::unique_ptr<PyStore> Open(std::optional<std::string> path, uint64_t host_capacity_bytes,
                               uint64_t disk_capacity_bytes, uint64_t max_file_bytes, bool write_behind,
-                              size_t write_queue_limit, bool sync, const std::string& codec) {
+                              size_t write_queue_limit, bool sync, const std::string& codec,
+                              uint64_t device_capacity_bytes, int device) {
   StoreOptions o;
   o.path = path.value_or("");
   o.host_capacity_bytes = host_capacity_bytes;
@@ -176,6 +180,8 @@ std::unique_ptr<PyStore> Open(std::optional<std::string> path, uint64_t host_cap
   o.write_queue_limit = write_queue_limit;
   o.sync = sync;
   o.disk_codec = ValueOrThrow(CodecFromName(codec));
+  o.device_capacity_bytes = device_capacity_bytes;
+  o.device = device;
   StatusOr<std::unique_ptr<Store>> s = [&] {
     nb::gil_scoped_release unlocked;
     return Store::Open(o);
@@ -200,9 +206,12 @@ void RegisterStore(nb::module_& m) {
                       "Thread-safe; every call releases the GIL. Use Store.open(...) and close() or a with block.")
       .def_static("open", &Open, "path"_a = nb::none(), nb::kw_only(), "host_capacity_bytes"_a = 1ull << 30,
                   "disk_capacity_bytes"_a = 0, "max_file_bytes"_a = 256ull << 20, "write_behind"_a = true,
-                  "write_queue_limit"_a = 64, "sync"_a = true, "codec"_a = "raw",
+                  "write_queue_limit"_a = 64, "sync"_a = true, "codec"_a = "raw", "device_capacity_bytes"_a = 0,
+                  "device"_a = 0,
                   "Opens (creating if needed) a store. path=None: host tier only. disk_capacity_bytes=0: "
-                  "unbounded. codec: 'raw' (bit-exact) or 'int8' (per-channel scales) for disk payloads.")
+                  "unbounded. codec: 'raw' (bit-exact) or 'int8' (per-channel scales) for disk payloads. "
+                  "device_capacity_bytes > 0 adds a device tier on CUDA device `device` (UnavailableError "
+                  "without CUDA or a GPU).")
       .def(
           "put",
           [](PyStore& self, const PySegment& seg) {
@@ -220,6 +229,17 @@ void RegisterStore(nb::module_& m) {
           "key"_a, "model"_a,
           "The segment `key` produced by `model` (Hash128/hex/ModelSpec). NotFoundError, "
           "FailedPreconditionError on a fingerprint mismatch, DataLossError on a corrupt record.")
+      .def(
+          "get_device",
+          [](PyStore& self, nb::handle key, nb::handle model) {
+            Hash128 k = KeyOf(key), md = ModelOf(model);
+            DeviceSegment d = ValueOrThrow(self.Call([&](Store& s) { return s.GetDevice(k, md); }));
+            return PyDeviceSegment{std::move(d)};
+          },
+          "key"_a, "model"_a,
+          "The segment resident in the device tier (a DeviceSegment: .kv()/.k()/.v() are CUDA torch tensors "
+          "without copies), loading it host -> device on a miss (promoting disk -> host first). Errors as get(); "
+          "UnavailableError if the store has no device tier; ResourceExhaustedError if it cannot fit.")
       .def(
           "info",
           [](PyStore& self, nb::handle key) {
@@ -267,7 +287,8 @@ void RegisterStore(nb::module_& m) {
           "Waits until every acknowledged put is on disk and synced.")
       .def(
           "stats", [](PyStore& self) { return StatsDict(self.Call([](Store& s) { return s.Stats(); })); },
-          "{'host': {...}, 'disk': {...} or None, 'promotions', 'write_queue_depth', 'write_errors', 'has_disk'}")
+          "{'host': {...}, 'disk': {...} or None, 'device': {...} or None, 'promotions', 'write_queue_depth', "
+          "'write_errors', 'has_disk', 'has_device'}")
       .def(
           "verify",
           [](PyStore& self, nb::handle progress) {

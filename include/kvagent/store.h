@@ -4,6 +4,8 @@
 //       -> write-behind queue (bounded; Put blocks when full = back-pressure)
 //       -> disk tier (append-only segment files + SQLite catalog), when a path is given.
 //   Get -> host hit, else disk read (checksum verified) and promotion into the host tier.
+//   GetDevice (optional device tier, CUDA builds) -> device hit, else Get as above and one
+//       host->device copy into the device tier (bounded bytes, LRU, refcounted handles).
 //
 // Every read checks the model fingerprint: a segment produced by other weights is an error
 // (FailedPrecondition), never returned. Segments are immutable once stored; a Put with an
@@ -48,10 +50,13 @@ struct TierStats {
 struct StoreStats {
   TierStats host;
   TierStats disk;
+  TierStats device;  // hits/misses of GetDevice, puts = host->device loads; bytes = device bytes held
+                     // (live entries and frees waiting for recorded stream work)
   uint64_t promotions = 0;         // disk -> host on hit
   uint64_t write_queue_depth = 0;  // segments waiting for write-behind (beyond the one being written)
   uint64_t write_errors = 0;       // write-behind failures (the segment stays in host)
   bool has_disk = false;
+  bool has_device = false;
 };
 
 // Selects segments by metadata; empty fields match anything.
@@ -81,6 +86,53 @@ struct StoreOptions {
   CodecKind disk_codec = CodecKind::kRaw;
   bool disk_direct_io = true;              // DiskTierOptions::direct_io
   Env* env = nullptr;                      // nullptr = Env::Default()
+  // Device tier (CUDA builds): device_capacity_bytes > 0 adds a tier of that many bytes of
+  // cudaMalloc'd memory on CUDA device `device`. Open returns Unavailable when the build has no
+  // CUDA or no usable device, InvalidArgument for a device index out of range.
+  uint64_t device_capacity_bytes = 0;      // 0 = no device tier
+  int device = 0;
+};
+
+// A segment's canonical payload ([layer][k|v][kv_head][token][dim], layout.dtype) resident in
+// device memory, as returned by Store::GetDevice. Copyable; every copy keeps the device bytes
+// alive: the tier may evict or drop the entry, but its memory is reused only after the last
+// copy is destroyed and every stream use recorded with RecordUse has completed. The bytes are
+// the store's: read them, never write them.
+class DeviceSegment {
+ public:
+  // Implementation hook (the CUDA device tier): keeps the allocation alive.
+  class Holder {
+   public:
+    virtual ~Holder() = default;
+    virtual Status RecordUse(void* stream) const = 0;
+  };
+
+  DeviceSegment() = default;
+  DeviceSegment(SegmentHandle meta, const void* data, size_t size, int device, std::shared_ptr<const Holder> holder)
+      : meta_(std::move(meta)), data_(data), size_(size), device_(device), holder_(std::move(holder)) {}
+
+  explicit operator bool() const { return data_ != nullptr; }
+  // Key, model, layout, tokens, positions and metadata of the segment; payload is null (the
+  // bytes are on the device).
+  const SegmentHandle& meta() const { return meta_; }
+  const void* data() const { return data_; }  // device pointer
+  size_t size() const { return size_; }       // bytes, meta()->PayloadBytes()
+  int device() const { return device_; }      // CUDA device index
+  // Records that work enqueued on `stream` (a cudaStream_t; nullptr = the legacy default
+  // stream) so far reads these bytes; they are not reused before that work completes even if
+  // every copy of this object is gone. Call after enqueueing work that reads data() on a stream
+  // other than one you synchronise before dropping the object. FailedPrecondition when empty.
+  Status RecordUse(void* stream) const {
+    if (!holder_) return FailedPreconditionError("RecordUse on an empty DeviceSegment");
+    return holder_->RecordUse(stream);
+  }
+
+ private:
+  SegmentHandle meta_;
+  const void* data_ = nullptr;
+  size_t size_ = 0;
+  int device_ = -1;
+  std::shared_ptr<const Holder> holder_;
 };
 
 struct VerifyReport {
@@ -112,6 +164,16 @@ class Store {
   virtual Status Put(SegmentHandle segment) = 0;
   // The segment `key`, produced by `model`. NotFound, FailedPrecondition on mismatch, DataLoss.
   virtual StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) = 0;
+  // The segment `key`, produced by `model`, resident in the device tier: a hit returns the
+  // resident copy; a miss reads it as Get does (promoting disk -> host), copies it host ->
+  // device on the tier's transfer stream and waits for the copy, so data() is ready for any
+  // stream on return. Device eviction drops least-recently-used entries no DeviceSegment
+  // references when the host or disk tier still holds the key, and otherwise copies them back
+  // into the host tier first (where the host tier's capacity rules apply). Put and Delete of a
+  // key remove its device copy (holders keep the old bytes). Errors: as Get; Unavailable if the
+  // store has no device tier; ResourceExhausted if the segment does not fit even after evicting
+  // every unreferenced entry; Internal for CUDA errors.
+  virtual StatusOr<DeviceSegment> GetDevice(const Hash128& key, const Hash128& model) = 0;
   virtual StatusOr<SegmentInfo> Info(const Hash128& key) = 0;
   virtual bool Contains(const Hash128& key) = 0;
   // NotFound if absent. Frees host memory once no handle holds it; disk space on Compact.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from kv_agent import (  # noqa: F401,E402
     _core,  # noqa: F401
+    cuda,
     index,
     rope,
     store,

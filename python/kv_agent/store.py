@@ -35,12 +35,14 @@ API (all in C++, see ``help(Segment)`` / ``help(Store)``)::
       .tokens .positions (read-only numpy views)  .info() -> SegmentInfo  .content_hash()
 
     Store.open(path=None, *, host_capacity_bytes=1 GiB, disk_capacity_bytes=0, max_file_bytes=256 MiB,
-               write_behind=True, write_queue_limit=64, sync=True, codec="raw"|"int8")
+               write_behind=True, write_queue_limit=64, sync=True, codec="raw"|"int8",
+               device_capacity_bytes=0, device=0)
       .put(segment)  .get(key, model) -> Segment  .info(key) -> SegmentInfo
+      .get_device(key, model) -> DeviceSegment  (device tier; see kv_agent.cuda)
       .contains(key) / `key in store`  .delete(key)
       .list(*, model=None, ns="", agent="", session="", min_time_us=None, max_time_us=None)
-      .flush()  .stats() -> {"host": {...}, "disk": {...} | None, "promotions", "write_queue_depth",
-                             "write_errors", "has_disk"}
+      .flush()  .stats() -> {"host": {...}, "disk": {...} | None, "device": {...} | None, "promotions",
+                             "write_queue_depth", "write_errors", "has_disk", "has_device"}
       .verify(progress=None) -> {"records", "ok", "corrupt", "bytes", "problems"}
       .compact(progress=None) -> {"files_before", "files_after", "bytes_before", "bytes_after",
                                   "records_moved"}
@@ -60,9 +62,9 @@ DataLossError (corrupt record; it is skipped, the rest stays readable).
 
 from __future__ import annotations
 
-from kv_agent._core import Segment, SegmentInfo, SegmentLayout, Store
+from kv_agent._core import DeviceSegment, Segment, SegmentInfo, SegmentLayout, Store
 
-__all__ = ["Segment", "SegmentInfo", "SegmentLayout", "Store", "open_store"]
+__all__ = ["DeviceSegment", "Segment", "SegmentInfo", "SegmentLayout", "Store", "open_store"]
 
 
 def open_store(path: str | None = None, **options) -> Store:

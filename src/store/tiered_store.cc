@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "kvagent/host_tier.h"
+#include "store/device_cache.h"
 
 namespace kvagent {
 
@@ -35,8 +36,12 @@ class TieredStore final : public Store {
   }
   ~TieredStore() override { Close().IgnoreError(); }
 
+  // Adds the device tier (options.device_capacity_bytes > 0), before the store is shared.
+  Status OpenDevice();
+
   Status Put(SegmentHandle segment) override;
   StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) override;
+  StatusOr<DeviceSegment> GetDevice(const Hash128& key, const Hash128& model) override;
   StatusOr<SegmentInfo> Info(const Hash128& key) override;
   bool Contains(const Hash128& key) override;
   Status Delete(const Hash128& key) override;
@@ -59,7 +64,15 @@ class TieredStore final : public Store {
     uint64_t seq;
   };
 
-  std::mutex& StripeOf(const Hash128& key) { return stripes_[Hash128Hasher{}(key) % kStripes]; }
+  size_t StripeIndex(const Hash128& key) const { return Hash128Hasher{}(key) % kStripes; }
+  std::mutex& StripeOf(const Hash128& key) { return stripes_[StripeIndex(key)]; }
+  // Counts a Put or Delete of a key of the stripe; call with the stripe held.
+  void BumpEpochLocked(const Hash128& key) { epochs_[StripeIndex(key)].fetch_add(1, std::memory_order_relaxed); }
+  // Get's path past a host miss: the write-behind queue, then disk with promotion. Call with
+  // the key's stripe held.
+  StatusOr<SegmentHandle> ReadThroughLocked(const Hash128& key, const Hash128& model);
+  // True if a tier other than the device holds `key` (device eviction may drop its copy).
+  bool HasBacking(const Hash128& key);
   // Waits for a queue slot. FailedPrecondition when closing; the last write error when the
   // queue is full of failed writes (waiting would never end).
   Status WaitForSlotLocked(std::unique_lock<std::mutex>& lock);
@@ -82,6 +95,8 @@ class TieredStore final : public Store {
   std::mutex close_call_mu_;
 
   std::array<std::mutex, kStripes> stripes_;
+  std::array<std::atomic<uint64_t>, kStripes> epochs_{};
+  std::unique_ptr<DeviceCache> device_;  // null: no device tier
 
   std::mutex mu_;  // guards everything below
   std::condition_variable cv_;
@@ -105,7 +120,12 @@ Status TieredStore::Put(SegmentHandle segment) {
   std::shared_lock<std::shared_mutex> open(close_mu_);
   if (closed_) return ClosedError();
   KVAGENT_RETURN_IF_ERROR(segment->Validate());
-  if (!disk_) return host_.Put(*segment).status();
+  if (!disk_) {
+    std::lock_guard<std::mutex> stripe(StripeOf(segment->key));
+    BumpEpochLocked(segment->key);
+    if (device_) device_->Erase(segment->key);
+    return host_.Put(*segment).status();
+  }
 
   if (options_.disk_capacity_bytes != 0 && segment->PayloadBytes() > options_.disk_capacity_bytes)
     return ResourceExhaustedError("segment of " + std::to_string(segment->PayloadBytes()) +
@@ -115,6 +135,7 @@ Status TieredStore::Put(SegmentHandle segment) {
   KVAGENT_ASSIGN_OR_RETURN(SegmentHandle copy, host_.OwnedCopy(*segment));
   const Hash128 key = copy->key;
   std::lock_guard<std::mutex> stripe(StripeOf(key));
+  BumpEpochLocked(key);
   if (!options_.write_behind) {
     KVAGENT_RETURN_IF_ERROR(disk_->Put(*copy));
   } else {
@@ -125,6 +146,7 @@ Status TieredStore::Put(SegmentHandle segment) {
   // A host tier too full of in-use segments only loses the cached copy; an older version of
   // the key must not stay behind to shadow the new one.
   if (!host_.Adopt(copy).ok()) host_.Erase(key);
+  if (device_) device_->Erase(key);
   return Status::Ok();
 }
 
@@ -272,6 +294,11 @@ StatusOr<SegmentHandle> TieredStore::Get(const Hash128& key, const Hash128& mode
   }
   if (!disk_) return NotFoundError("segment " + key.ToHex() + " not in store");
   std::lock_guard<std::mutex> stripe(StripeOf(key));
+  return ReadThroughLocked(key, model);
+}
+
+StatusOr<SegmentHandle> TieredStore::ReadThroughLocked(const Hash128& key, const Hash128& model) {
+  if (!disk_) return NotFoundError("segment " + key.ToHex() + " not in store");
   if (std::optional<SegmentHandle> p = PendingLookup(key)) {
     if (!*p) return NotFoundError("segment " + key.ToHex() + " was deleted");
     KVAGENT_RETURN_IF_ERROR(CheckFingerprint((*p)->model, model));
@@ -280,6 +307,66 @@ StatusOr<SegmentHandle> TieredStore::Get(const Hash128& key, const Hash128& mode
   KVAGENT_ASSIGN_OR_RETURN(SegmentHandle h, disk_->Get(key, model));
   if (host_.Adopt(h).ok()) promotions_.fetch_add(1, std::memory_order_relaxed);
   return h;
+}
+
+bool TieredStore::HasBacking(const Hash128& key) {
+  if (host_.Contains(key)) return true;
+  if (!disk_) return false;
+  if (std::optional<SegmentHandle> p = PendingLookup(key)) return *p != nullptr;
+  return disk_->Contains(key);
+}
+
+Status TieredStore::OpenDevice() {
+  if (options_.device_capacity_bytes == 0) return Status::Ok();
+  DeviceCacheOptions d;
+  d.device = options_.device;
+  d.capacity_bytes = options_.device_capacity_bytes;
+  d.has_backing = [this](const Hash128& key) { return HasBacking(key); };
+  KVAGENT_ASSIGN_OR_RETURN(device_, OpenDeviceCache(std::move(d)));
+  return Status::Ok();
+}
+
+StatusOr<DeviceSegment> TieredStore::GetDevice(const Hash128& key, const Hash128& model) {
+  std::vector<SegmentHandle> evicted;
+  std::array<uint64_t, kStripes> epochs;
+  StatusOr<DeviceSegment> result = DeviceSegment();
+  {
+    std::shared_lock<std::shared_mutex> open(close_mu_);
+    if (closed_) return ClosedError();
+    if (!device_)
+      return UnavailableError("store has no device tier (open it with device_capacity_bytes > 0 in a CUDA build)");
+    KVAGENT_ASSIGN_OR_RETURN(DeviceSegment hit, device_->Lookup(key, true));
+    if (hit) {
+      KVAGENT_RETURN_IF_ERROR(CheckFingerprint(hit.meta()->model, model));
+      return hit;
+    }
+    std::lock_guard<std::mutex> stripe(StripeOf(key));
+    // Loaded by another caller while this one waited for the stripe? (Counted once, as a miss.)
+    KVAGENT_ASSIGN_OR_RETURN(DeviceSegment again, device_->Lookup(key, false));
+    if (again) {
+      KVAGENT_RETURN_IF_ERROR(CheckFingerprint(again.meta()->model, model));
+      return again;
+    }
+    SegmentHandle h = host_.Get(key);
+    if (h) {
+      KVAGENT_RETURN_IF_ERROR(CheckFingerprint(h->model, model));
+    } else {
+      KVAGENT_ASSIGN_OR_RETURN(h, ReadThroughLocked(key, model));
+    }
+    for (size_t i = 0; i < kStripes; ++i) epochs[i] = epochs_[i].load(std::memory_order_relaxed);
+    result = device_->Load(h, &evicted);
+  }
+  // Device entries no other tier held come back to the host tier, each under its own stripe
+  // (taken after this key's is released) and only if no Put or Delete of that stripe ran since
+  // the eviction, so a copy never shadows a newer version or resurrects a deleted key.
+  for (SegmentHandle& e : evicted) {
+    std::shared_lock<std::shared_mutex> open(close_mu_);
+    if (closed_) break;
+    std::lock_guard<std::mutex> stripe(StripeOf(e->key));
+    if (epochs_[StripeIndex(e->key)].load(std::memory_order_relaxed) != epochs[StripeIndex(e->key)]) continue;
+    if (!HasBacking(e->key)) host_.Adopt(e).IgnoreError();
+  }
+  return result;
 }
 
 StatusOr<SegmentInfo> TieredStore::Info(const Hash128& key) {
@@ -308,6 +395,8 @@ Status TieredStore::Delete(const Hash128& key) {
   if (closed_) return ClosedError();
   std::lock_guard<std::mutex> stripe(StripeOf(key));
   const Status not_found = NotFoundError("segment " + key.ToHex() + " not in store");
+  BumpEpochLocked(key);
+  if (device_) device_->Erase(key);
   if (!disk_) return host_.Erase(key) ? Status::Ok() : not_found;
   if (!options_.write_behind) {
     Status d = disk_->Delete(key);
@@ -390,6 +479,10 @@ StoreStats TieredStore::Stats() {
   StoreStats s;
   s.host = host_.Stats();
   s.promotions = promotions_.load(std::memory_order_relaxed);
+  if (device_) {
+    s.has_device = true;
+    s.device = device_->Stats();
+  }
   if (disk_) {
     s.has_disk = true;
     s.disk = disk_->Stats();
@@ -435,6 +528,7 @@ Status TieredStore::Close() {
   }
   std::unique_lock<std::shared_mutex> exclusive(close_mu_);
   closed_ = true;
+  device_.reset();  // DeviceSegments still held keep their bytes
   disk_.reset();
   host_.Clear();
   std::lock_guard<std::mutex> lock(mu_);
@@ -450,7 +544,9 @@ Status TieredStore::Close() {
 StatusOr<std::unique_ptr<Store>> NewTieredStore(const StoreOptions& options, std::unique_ptr<DiskTier> disk) {
   if (disk && options.write_queue_limit > (1u << 20))
     return InvalidArgumentError("write_queue_limit must be at most 1048576 segments");
-  return std::unique_ptr<Store>(new TieredStore(options, std::move(disk)));
+  auto store = std::make_unique<TieredStore>(options, std::move(disk));
+  KVAGENT_RETURN_IF_ERROR(store->OpenDevice());
+  return std::unique_ptr<Store>(std::move(store));
 }
 
 }  // namespace kvagent
