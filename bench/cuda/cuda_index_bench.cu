@@ -342,6 +342,9 @@ int RunLatentIndex(size_t segments, int reps, const std::string& csv_path, const
   dev_filter.min_time_us = static_cast<int64_t>(segments / 10);
   dev_filter.pinned = {entry(1).key, entry(2).key};
   timed("device: session filter (1/8) + time range + 2 pins, explain", dev_filter, reps);
+  SearchRequest dev_few = dev;
+  dev_few.min_time_us = static_cast<int64_t>(segments - 100);
+  timed("device: time filter to 100 candidates (fixed costs), explain", dev_few, reps);
   SearchRequest dev_budget = dev;
   dev_budget.top_k = 0;
   dev_budget.token_budget = 64 * kTopK;

@@ -339,7 +339,19 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
     for (int h = h_lo; h < h_hi; ++h) {
       for (int t = t_lo; t < t_hi; ++t) {
         const size_t base = ((static_cast<size_t>(l) * q.num_q_heads + h) * T + t) * D;
-        for (int d = 0; d < D; ++d) acc[d] += LoadAsF32(q.data, q.dtype, base + d);
+        // One branch per vector, not per element (LoadAsF32's switch kept this loop scalar: about
+        // 1.5 ms for a 30-token, 32-head, 8-layer query). Same values, same order of additions.
+        double* a = acc.data();
+        if (q.dtype == DType::kF32) {
+          const float* src = static_cast<const float*>(q.data) + base;
+          for (int d = 0; d < D; ++d) a[d] += src[d];
+        } else if (q.dtype == DType::kF16) {
+          const uint16_t* src = static_cast<const uint16_t*>(q.data) + base;
+          for (int d = 0; d < D; ++d) a[d] += F16ToF32(src[d]);
+        } else {
+          const uint16_t* src = static_cast<const uint16_t*>(q.data) + base;
+          for (int d = 0; d < D; ++d) a[d] += BF16ToF32(src[d]);
+        }
       }
     }
     const double inv = static_cast<double>(scale) / ((h_hi - h_lo) * (t_hi - t_lo));
