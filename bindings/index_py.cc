@@ -154,7 +154,7 @@ void RegisterIndex(nb::module_& m) {
           [](const ModelSpec& spec, const std::string& score, const std::string& norm, const std::string& agg,
              const std::string& head_reduce, std::optional<std::vector<int>> layers, int token_chunks, double top_p,
              const std::string& storage, int num_threads, int prefilter_min_segments, int prefilter_keep,
-             int prefilter_layers, int prefilter_sample) {
+             int prefilter_layers, int prefilter_sample, int device) {
             IndexOptions o;
             o.score = EnumFromName<ScoreKind>(score, {{"bbox", ScoreKind::kBoundingBox}, {"mean", ScoreKind::kMeanKey}},
                                               "score");
@@ -177,11 +177,12 @@ void RegisterIndex(nb::module_& m) {
             o.prefilter_keep = prefilter_keep;
             o.prefilter_layers = prefilter_layers;
             o.prefilter_sample = prefilter_sample;
+            o.device = device;
             return ValueOrThrow(LatentIndex::Create(spec, o));
           },
           "spec"_a, "score"_a, "norm"_a, "agg"_a, "head_reduce"_a, "layers"_a.none(), "token_chunks"_a, "top_p"_a,
           "storage"_a, "num_threads"_a, "prefilter_min_segments"_a, "prefilter_keep"_a, "prefilter_layers"_a,
-          "prefilter_sample"_a)
+          "prefilter_sample"_a, "device"_a = kCpuDevice)
       .def(
           "add",
           [](LatentIndex& idx, const Hash128& key, nb::bytes summary, const std::string& ns, const std::string& agent,
@@ -208,13 +209,15 @@ void RegisterIndex(nb::module_& m) {
       .def("memory_bytes", &LatentIndex::MemoryBytes)
       .def("row_bytes", &LatentIndex::RowBytes)
       .def("prefilter_row_bytes", &LatentIndex::PrefilterRowBytes)
+      .def("device_memory_bytes", &LatentIndex::DeviceMemoryBytes)
+      .def_prop_ro("device", &LatentIndex::device)
       .def_prop_ro("layers", [](const LatentIndex& idx) { return idx.layers(); })
       .def(
           "search",
           [](const LatentIndex& idx, const AnyCpuArray& q, int top_k, std::optional<int64_t> token_budget,
              std::vector<Hash128> pinned, std::optional<std::string> ns, std::optional<std::string> agent,
              std::optional<std::string> session, std::optional<int64_t> min_time_us, std::optional<int64_t> max_time_us,
-             bool explain, bool exact) {
+             bool explain, bool exact, const std::string& backend) {
             const DType dt = CheckedArray(q, 4, "q");
             QueryView view{q.data(), dt, Dim(q, 0, "q"), Dim(q, 1, "q"), Dim(q, 2, "q"), Dim(q, 3, "q")};
             SearchRequest req;
@@ -228,6 +231,10 @@ void RegisterIndex(nb::module_& m) {
             req.max_time_us = max_time_us;
             req.explain = explain;
             req.exact = exact;
+            req.backend = EnumFromName<SearchBackend>(
+                backend,
+                {{"index", SearchBackend::kIndex}, {"cpu", SearchBackend::kCpu}, {"device", SearchBackend::kDevice}},
+                "backend");
             StatusOr<std::vector<Hit>> hits = InternalError("not run");
             {
               nb::gil_scoped_release release;
@@ -236,7 +243,8 @@ void RegisterIndex(nb::module_& m) {
             return ValueOrThrow(std::move(hits));
           },
           "q"_a, "top_k"_a, "token_budget"_a.none(), "pinned"_a, "ns"_a.none(), "agent"_a.none(), "session"_a.none(),
-          "min_time_us"_a.none(), "max_time_us"_a.none(), "explain"_a, "exact"_a = false);
+          "min_time_us"_a.none(), "max_time_us"_a.none(), "explain"_a, "exact"_a = false,
+          "backend"_a = "index");
 }
 
 Registration reg("index", 20, &RegisterIndex);

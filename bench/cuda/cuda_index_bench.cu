@@ -11,13 +11,24 @@
 // Softmax + max (the index default) throughout, plus other norm/aggregation pairs at 100k.
 // Data are random (timing does not depend on the values); every run's top-k is checked against a
 // host sort of the device scores. Prints a table, writes a CSV.
+//
+// --mode index (or all) times the product path instead: LatentIndex::Search with
+// IndexOptions::device = 0 (Llama-3.1-8B spec: 32 layers, 32 query heads, 8 KV heads, dim 128; the
+// default 8 indexed layers, mean keys, softmax + max; a 30-token f32 query; top_k 10) at
+// --segments (default 100k) segments: wall-clock medians of the whole call (query pooling,
+// candidate scan, upload, kernels, top-k, result copies, hits), with and without explanations,
+// with a session filter and pins, the first search after the adds and after 1,000 removals + 1,000
+// adds (incremental mirror upload), against the CPU brute force and CPU two-stage search on the
+// same index; the device's top-10 is checked against the CPU brute force.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -227,24 +238,196 @@ Result RunConfig(const Config& c, int top_k, int reps, cudaStream_t stream) {
   return res;
 }
 
+// ---- LatentIndex::Search through the device path ----------------------------------------------
+
+double WallMs(const std::function<void()>& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+struct IndexTiming {
+  std::string what;
+  double ms = 0;
+  int runs = 0;
+};
+
+int RunLatentIndex(size_t segments, int reps, const std::string& csv_path, const char* gpu_name) {
+  using namespace kvagent;
+  constexpr int kLayers = 32, kQHeads = 32, kTokens = 30, kTopK = 10;
+  RopeSpec rope;
+  const ModelSpec spec = UniformModelSpec("llama-3.1-8b-shape", kLayers, kQHeads, kKvHeads, kHeadDim, DType::kBF16,
+                                          rope, HashString("bench"));
+  IndexOptions o;
+  o.device = 0;
+  auto made = LatentIndex::Create(spec, o);
+  if (!made.ok()) {
+    std::printf("LatentIndex::Create(device 0): %s\n", made.status().ToString().c_str());
+    return 2;
+  }
+  LatentIndex& idx = **made;
+  const int L = static_cast<int>(idx.layers().size());
+  std::printf("\n== LatentIndex::Search, device 0: %zu segments x %d layers (of %d), %d query tokens, top_k %d ==\n",
+              segments, L, kLayers, kTokens, kTopK);
+  // Summaries: random mean keys (what is scored), a wide constant box.
+  KeySummary s;
+  s.num_kv_heads = kKvHeads;
+  s.head_dim = kHeadDim;
+  s.num_tokens = 16;
+  s.layers = idx.layers();
+  const size_t n = static_cast<size_t>(L) * kKvHeads * kHeadDim;
+  s.min.assign(n, -8.0f);
+  s.max.assign(n, 8.0f);
+  s.mean.resize(n);
+  uint64_t x = 0x9E3779B97F4A7C15ULL;
+  auto uniform = [&x] {  // xorshift64*, [-1, 1)
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    return static_cast<float>((x * 0x2545F4914F6CDD1DULL) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+  };
+  auto entry = [](size_t i) {
+    IndexEntry e;
+    e.key = MemoryKey("bench", "s" + std::to_string(i % 8), static_cast<int64_t>(i), 0);
+    e.ns = "bench";
+    e.session = "s" + std::to_string(i % 8);
+    e.turn = static_cast<int64_t>(i);
+    e.time_us = static_cast<int64_t>(i);
+    e.num_tokens = 64;
+    return e;
+  };
+  auto add = [&](size_t i) {
+    for (auto& v : s.mean) v = 2.0f * uniform();
+    const Status st = idx.Add(entry(i), s);
+    if (!st.ok()) std::printf("Add: %s\n", st.ToString().c_str());
+  };
+  const double add_ms = WallMs([&] {
+    for (size_t i = 0; i < segments; ++i) add(i);
+  });
+  std::printf("added %zu segments in %.0f ms (%.1f us each, incl. batched mirror uploads); row %zu B\n", segments,
+              add_ms, 1e3 * add_ms / segments, idx.RowBytes());
+  std::vector<float> q(static_cast<size_t>(L) * kQHeads * kTokens * kHeadDim);
+  for (auto& v : q) v = 1.5f * uniform();
+  const QueryView view{q.data(), DType::kF32, L, kQHeads, kTokens, kHeadDim};
+
+  std::vector<IndexTiming> rows;
+  bool ok = true;
+  auto search = [&](const SearchRequest& r, std::vector<Hit>* out = nullptr) {
+    auto h = idx.Search(view, r);
+    if (!h.ok()) {
+      std::printf("Search: %s\n", h.status().ToString().c_str());
+      ok = false;
+      return;
+    }
+    if (out) *out = std::move(*h);
+  };
+  auto timed = [&](const std::string& what, const SearchRequest& r, int runs) {
+    for (int i = 0; i < kWarmup; ++i) search(r);
+    std::vector<double> t;
+    for (int i = 0; i < runs; ++i) t.push_back(WallMs([&] { search(r); }));
+    rows.push_back({what, Median(t), runs});
+    std::printf("  %-58s %9.3f ms (median of %d)\n", what.c_str(), rows.back().ms, runs);
+  };
+  SearchRequest dev;
+  dev.top_k = kTopK;
+  dev.backend = SearchBackend::kDevice;
+  rows.push_back({"device: first search after the adds (uploads pending rows)", WallMs([&] { search(dev); }), 1});
+  std::printf("  %-58s %9.3f ms\n", rows.back().what.c_str(), rows.back().ms);
+  timed("device: top 10, explain", dev, reps);
+  SearchRequest dev_quiet = dev;
+  dev_quiet.explain = false;
+  timed("device: top 10, no explain", dev_quiet, reps);
+  SearchRequest dev_filter = dev;
+  dev_filter.session = "s3";
+  dev_filter.min_time_us = static_cast<int64_t>(segments / 10);
+  dev_filter.pinned = {entry(1).key, entry(2).key};
+  timed("device: session filter (1/8) + time range + 2 pins, explain", dev_filter, reps);
+  SearchRequest dev_few = dev;
+  dev_few.min_time_us = static_cast<int64_t>(segments - 100);
+  timed("device: time filter to 100 candidates (fixed costs), explain", dev_few, reps);
+  SearchRequest dev_budget = dev;
+  dev_budget.top_k = 0;
+  dev_budget.token_budget = 64 * kTopK;
+  timed("device: token budget (all scores to the host), explain", dev_budget, reps);
+  // Incremental upload: 1,000 removals (moves into the holes) and 1,000 adds, then one search.
+  for (size_t i = 0; i < 1000; ++i) (void)idx.Remove(entry(i * (segments / 1000)).key);
+  for (size_t i = 0; i < 1000; ++i) add(segments + i);
+  rows.push_back({"device: first search after 1k removes + 1k adds", WallMs([&] { search(dev); }), 1});
+  std::printf("  %-58s %9.3f ms\n", rows.back().what.c_str(), rows.back().ms);
+  timed("device: top 10, explain (after the churn)", dev, reps);
+
+  SearchRequest cpu = dev;
+  cpu.backend = SearchBackend::kCpu;
+  cpu.exact = true;
+  const int cpu_reps = std::max(3, reps / 3);
+  timed("cpu: brute force (exact), top 10, explain", cpu, cpu_reps);
+  SearchRequest cpu2 = cpu;
+  cpu2.exact = false;
+  timed("cpu: two-stage (default prefilter), top 10, explain", cpu2, cpu_reps);
+
+  // Check: device top 10 vs the CPU brute force.
+  std::vector<Hit> dh, ch;
+  search(dev, &dh);
+  search(cpu, &ch);
+  bool same = dh.size() == ch.size();
+  double worst = 0;
+  for (size_t i = 0; same && i < dh.size(); ++i) {
+    same &= dh[i].entry.key == ch[i].entry.key && dh[i].rank == ch[i].rank;
+    worst = std::max(
+        worst, static_cast<double>(std::fabs(dh[i].score - ch[i].score) / std::max(1e-30f, std::fabs(ch[i].score))));
+  }
+  std::printf("check: device top %d %s the CPU brute force (max relative score difference %.2e)\n", kTopK,
+              same ? "equals" : "DIFFERS FROM", worst);
+  ok &= same && worst < 1e-3;
+  std::printf("device memory held by the index: %.1f MB; host: %.1f MB\n", idx.DeviceMemoryBytes() / 1e6,
+              idx.MemoryBytes() / 1e6);
+  FILE* csv = std::fopen(csv_path.c_str(), "w");
+  if (csv) {
+    std::fprintf(csv, "gpu,segments,layers,kv_heads,head_dim,query_tokens,top_k,what,ms,runs,check,data\n");
+    for (const IndexTiming& r : rows) {
+      std::fprintf(csv, "\"%s\",%zu,%d,%d,%d,%d,%d,\"%s\",%.4f,%d,%s,random\n", gpu_name, segments, L, kKvHeads,
+                   kHeadDim, kTokens, kTopK, r.what.c_str(), r.ms, r.runs, ok ? "ok" : "failed");
+    }
+    std::fclose(csv);
+  }
+  std::printf("correctness (LatentIndex device path): %s\n", ok ? "ok" : "FAILED");
+  return ok ? 0 : 3;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string csv_path = "cuda_index_bench.csv";
   int reps = 10;
   int top_k = 10;
+  std::string mode = "raw";
+  std::string index_csv = "cuda_index_latent.csv";
+  size_t segments = 100000;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--csv" && i + 1 < argc) {
+    if (a == "--mode" && i + 1 < argc) {
+      mode = argv[++i];
+    } else if (a == "--index-csv" && i + 1 < argc) {
+      index_csv = argv[++i];
+    } else if (a == "--segments" && i + 1 < argc) {
+      segments = static_cast<size_t>(std::max(1000L, std::atol(argv[++i])));
+    } else if (a == "--csv" && i + 1 < argc) {
       csv_path = argv[++i];
     } else if (a == "--reps" && i + 1 < argc) {
       reps = std::max(3, std::atoi(argv[++i]));
     } else if (a == "--top-k" && i + 1 < argc) {
       top_k = std::clamp(std::atoi(argv[++i]), 1, kc::kMaxSearchTopK);
     } else {
-      std::fprintf(stderr, "usage: %s [--csv path] [--reps n] [--top-k k]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--mode raw|index|all] [--csv path] [--index-csv path] [--reps n] [--top-k k] "
+                   "[--segments n (index mode)]\n",
+                   argv[0]);
       return 1;
     }
+  }
+  if (mode != "raw" && mode != "index" && mode != "all") {
+    std::fprintf(stderr, "--mode must be raw, index or all\n");
+    return 1;
   }
   const kvagent::bench::DeviceInfo dev = kvagent::bench::DescribeDevice();
   const cudaDeviceProp& prop = dev.prop;
@@ -271,12 +454,14 @@ int main(int argc, char** argv) {
     std::printf("HBM limit: D2D cudaMemcpy of 4 GiB, read + write: %.1f GB/s\n", hbm_gbps);
   }
 
-  const std::vector<Config> configs = {
+  std::vector<Config> configs = {
       {8, 1000, TokenNorm::kSoftmax, Aggregation::kMax},    {8, 100000, TokenNorm::kSoftmax, Aggregation::kMax},
       {8, 1000000, TokenNorm::kSoftmax, Aggregation::kMax}, {32, 1000, TokenNorm::kSoftmax, Aggregation::kMax},
       {32, 100000, TokenNorm::kSoftmax, Aggregation::kMax}, {8, 100000, TokenNorm::kSoftmax, Aggregation::kMean},
       {8, 100000, TokenNorm::kZScore, Aggregation::kMean},  {8, 100000, TokenNorm::kNone, Aggregation::kMax},
   };
+  // Index mode: the raw kernel at the goal shape only, for comparison with the product path.
+  if (mode == "index") configs = {{8, 100000, TokenNorm::kSoftmax, Aggregation::kMax}};
   std::vector<Result> results;
   for (const Config& c : configs) results.push_back(RunConfig(c, top_k, reps, stream));
   CK(cudaStreamDestroy(stream));
@@ -332,5 +517,10 @@ int main(int argc, char** argv) {
                 goal_ms < 10 ? "met" : "NOT met", goal_ms);
   }
   std::printf("correctness: %s\n", all_ok ? "all checks passed" : "CHECKS FAILED");
-  return all_ok ? 0 : 3;
+  int rc = all_ok ? 0 : 3;
+  if (mode != "raw") {
+    const int irc = RunLatentIndex(segments, reps, index_csv, prop.name);
+    if (rc == 0) rc = irc;
+  }
+  return rc;
 }

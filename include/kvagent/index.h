@@ -26,15 +26,19 @@
 //   Large searches (IndexOptions::prefilter_*, on by default above 20,000 candidates) first keep
 //   the best candidates by a cheap proxy and run the steps above on those only: approximate,
 //   tested for recall against this brute force, which SearchRequest::exact still runs.
+//   With IndexOptions::device >= 0 (builds with CUDA) steps 2-4 run on a CUDA device over a device
+//   mirror of the matrix, always as the exact brute force, and agree with the CPU brute force
+//   within float rounding (same hits, order and breakdown unless two scores are that close).
 //
 // Thread-safety: KeySummary is a value. LatentIndex is safe for concurrent use: Search and the
 // const accessors take a shared lock, Add/Remove/SetPinned an exclusive one. Search itself runs on
-// up to IndexOptions::num_threads threads.
+// up to IndexOptions::num_threads threads; device searches of one index run one at a time.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <shared_mutex>
 #include <span>
@@ -53,6 +57,9 @@ namespace kvagent {
 
 namespace index_internal {
 class RowBlocks;
+}
+namespace cuda {
+class IndexMirror;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -109,6 +116,10 @@ enum class HeadReduce : uint8_t {
   kMaxScore = 2,   // score every query head, take the group's maximum
 };
 
+// IndexOptions::device values besides CUDA device ordinals (>= 0).
+inline constexpr int kCpuDevice = -1;
+inline constexpr int kAutoDevice = -2;
+
 struct IndexOptions {
   // Defaults: the best of a grid on planted-fact retrieval with Gemma 3 270M (docs/retrieval.md):
   // mean-key scores, every query token voting, softmax over segments, max over votes.
@@ -153,6 +164,18 @@ struct IndexOptions {
   int prefilter_keep = 2048;
   int prefilter_layers = 2;  // capped at the number of index layers
   int prefilter_sample = 1024;
+
+  // Where searches run (docs/retrieval.md "Device search").
+  //   kCpuDevice (-1, the default): the CPU, as described above.
+  //   N >= 0: CUDA device N holds a mirror of the scoring matrix, kept current by Add/Remove
+  //     (changed rows are uploaded in batches: when 64 MiB are pending, else before the next
+  //     search, never the whole matrix per search) and searches run there as the exact brute force
+  //     (the prefilter_* options apply to CPU searches only), unless SearchRequest::backend says
+  //     kCpu. Create returns Unavailable when the build has no CUDA (KVAGENT_CUDA=OFF) or device N
+  //     is not usable (never a silent CPU fallback), and Unimplemented for Aggregation::kTopP.
+  //   kAutoDevice (-2): device 0 when a CUDA device is usable and agg is not kTopP, else the CPU.
+  // LatentIndex::device() (and options().device) hold the resolved choice.
+  int device = kCpuDevice;
 };
 
 // Up to `count` evenly spaced layers of a `num_layers` model: floor((i + 0.5) * num_layers / count)
@@ -186,6 +209,12 @@ struct QueryView {
   int head_dim = 0;
 };
 
+enum class SearchBackend : uint8_t {
+  kIndex = 0,   // where IndexOptions::device says
+  kCpu = 1,     // the CPU, with the two-stage search where the options enable it
+  kDevice = 2,  // the index's CUDA device: Unavailable when the index has none
+};
+
 struct SearchRequest {
   int top_k = 5;                        // non-pinned hits at most; 0 = no count limit
   std::optional<int64_t> token_budget;  // total num_tokens of all hits incl. pinned; none = no limit
@@ -199,6 +228,7 @@ struct SearchRequest {
   std::optional<int64_t> max_time_us;  // inclusive
   bool explain = true;                 // fill Hit::breakdown
   bool exact = false;                  // brute force even where IndexOptions enable the prefilter
+  SearchBackend backend = SearchBackend::kIndex;
 };
 
 // One (layer, kv_head, query chunk) vote of a hit, after normalisation.
@@ -253,10 +283,16 @@ class LatentIndex {
   size_t RowBytes() const;
   size_t PrefilterRowBytes() const;
   size_t MemoryBytes() const;
+  // CUDA device searches run on (kCpuDevice: none), and the device bytes it holds for this index
+  // (mirror capacity and search workspace; 0 without a device).
+  int device() const { return options_.device; }
+  size_t DeviceMemoryBytes() const;
 
   // Scores the candidates and selects hits (see the file comment). InvalidArgument on a query
   // of the wrong shape or dtype; ResourceExhausted if candidates x layers x kv_heads x chunks
-  // exceeds 2^30 votes (4 GiB of scratch); empty result when nothing matches.
+  // exceeds 2^30 votes (4 GiB of scratch; device searches: if the device lacks the memory for
+  // them); Unavailable for SearchBackend::kDevice on an index without a device; Internal on CUDA
+  // errors; empty result when nothing matches.
   StatusOr<std::vector<Hit>> Search(const QueryView& query, const SearchRequest& request) const;
 
   const ModelSpec& spec() const { return spec_; }
@@ -283,6 +319,9 @@ class LatentIndex {
   std::unique_ptr<index_internal::RowBlocks> pre_rows_;
   std::vector<IndexEntry> entries_;  // by slot
   std::unordered_map<Hash128, size_t, Hash128Hasher> slot_of_;
+  // Device mirror of rows_ (IndexOptions::device >= 0); its searches are serialised by device_mu_.
+  std::unique_ptr<cuda::IndexMirror> mirror_;
+  mutable std::mutex device_mu_;
 };
 
 }  // namespace kvagent

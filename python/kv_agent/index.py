@@ -87,6 +87,15 @@ class IndexOptions:
     ``prefilter_sample`` others that estimate the normalisation over all candidates, are scored
     exactly. Any of the first three set to 0 disables it (exact brute force always);
     ``search(exact=True)`` bypasses it for one search.
+
+    device: where searches run (docs/retrieval.md "Device search"). ``-1`` (default): the CPU.
+        ``N >= 0``: CUDA device ``N`` keeps a mirror of the scoring matrix (updated as segments are
+        added and removed) and searches run there as the exact brute force (the prefilter options
+        apply to CPU searches only); results match the CPU brute force within float rounding.
+        Needs a CUDA build of kv_agent and a usable device: otherwise ``LatentIndex(...)`` raises
+        UnavailableError (there is no silent CPU fallback); ``agg="top_p"`` raises
+        UnimplementedError. ``"auto"`` (or -2): device 0 when usable (and ``agg`` is not ``"top_p"``), else
+        the CPU; ``LatentIndex.device`` tells which.
     """
 
     score: str = "mean"
@@ -102,6 +111,25 @@ class IndexOptions:
     prefilter_keep: int = 2048
     prefilter_layers: int = 2
     prefilter_sample: int = 1024
+    device: int | str = -1
+
+
+_AUTO_DEVICE = -2  # kvagent::kAutoDevice
+
+
+def _device_ordinal(device: int | str) -> int:
+    if device == "auto":
+        return _AUTO_DEVICE
+    if isinstance(device, str) and device.startswith("cuda"):
+        # "cuda" / "cuda:N", as torch spells devices
+        return int(device.partition(":")[2] or 0)
+    if device == "cpu":
+        return -1
+    if isinstance(device, bool) or not isinstance(device, int) or device < _AUTO_DEVICE:
+        raise InvalidArgumentError(
+            f"device must be -1 (CPU), -2 (auto), a CUDA ordinal >= 0, 'cpu', 'cuda[:N]' or 'auto' (got {device!r})"
+        )
+    return device
 
 
 class LatentIndex:
@@ -126,7 +154,17 @@ class LatentIndex:
             int(o.prefilter_keep),
             int(o.prefilter_layers),
             int(o.prefilter_sample),
+            _device_ordinal(o.device),
         )
+
+    @property
+    def device(self) -> int:
+        """CUDA device searches run on, or -1 for the CPU (``device="auto"`` resolved)."""
+        return self._idx.device
+
+    def device_memory_bytes(self) -> int:
+        """Device bytes this index holds (row mirror and search workspace; 0 on the CPU)."""
+        return self._idx.device_memory_bytes()
 
     @property
     def layers(self) -> list[int]:
@@ -189,6 +227,7 @@ class LatentIndex:
         max_time_us: int | None = None,
         explain: bool = True,
         exact: bool = False,
+        backend: str = "index",
     ) -> list[Hit]:
         """Top segments for pre-RoPE queries ``q`` ``[len(self.layers), H_q, T_q, D]``.
 
@@ -196,7 +235,9 @@ class LatentIndex:
         namespace ``ns``; their tokens count against ``token_budget``. ``top_k`` bounds the other
         hits (0 = no bound). Hits come in original order (time, session, turn, chunk); ``rank``
         orders them by score. ``exact=True`` scores every candidate (brute force) even where the
-        options enable the two-stage search. Raises InvalidArgumentError on a wrong shape or dtype.
+        options enable the two-stage search. ``backend``: ``"index"`` (where the index's ``device``
+        says), ``"cpu"`` (force the CPU path) or ``"device"`` (UnavailableError when the index has
+        no device). Raises InvalidArgumentError on a wrong shape or dtype.
         """
         arr = _as_array(q, "q")
         return self._idx.search(
@@ -211,4 +252,5 @@ class LatentIndex:
             max_time_us,
             explain,
             exact,
+            backend,
         )

@@ -99,18 +99,52 @@ Status CheckSearch(const RowSearch& s) {
 }  // namespace
 
 Status ScoreVotes(const void* rows, bool f16, size_t num_rows, int blocks, int width, const float* q, int nq,
-                  float* votes, Stream stream) {
+                  float* votes, Stream stream, const int32_t* row_ids) {
   KVAGENT_RETURN_IF_ERROR(CheckVotesShape(num_rows, blocks, width, nq, "ScoreVotes"));
   if (num_rows == 0) return Status::Ok();
   if (rows == nullptr || q == nullptr || votes == nullptr) return InvalidArgumentError("ScoreVotes: null pointer");
-  if (!Aligned(rows, f16 ? 2 : 4) || !Aligned(q, 4) || !Aligned(votes, 4)) {
+  if (!Aligned(rows, f16 ? 2 : 4) || !Aligned(q, 4) || !Aligned(votes, 4) || !Aligned(row_ids, 4)) {
     return InvalidArgumentError("ScoreVotes: pointer not aligned to its element size");
   }
   KVAGENT_RETURN_IF_ERROR(CheckDevice());
   const int vec = f16 ? 8 : 4;
   const int use_vec = width % vec == 0 && Aligned(rows, 16) ? vec : 1;
-  return CudaStatus(sk::LaunchScoreVotes(rows, f16, num_rows, blocks, width, q, nq, use_vec, votes, stream),
+  return CudaStatus(sk::LaunchScoreVotes(rows, f16, num_rows, blocks, width, q, nq, use_vec, votes, stream, row_ids),
                     "ScoreVotes");
+}
+
+Status ReduceHeadVotes(const float* in, size_t num_rows, int groups, int group, HeadReduce reduce, float* out,
+                       Stream stream) {
+  if (num_rows >= kMaxRows || groups < 1 || group < 1 || int64_t{groups} * group > INT32_MAX) {
+    return InvalidArgumentError("ReduceHeadVotes: num_rows must be < 2^31, groups and group >= 1");
+  }
+  if (reduce != HeadReduce::kMeanScore && reduce != HeadReduce::kMaxScore) {
+    return InvalidArgumentError("ReduceHeadVotes: reduce must be kMeanScore or kMaxScore");
+  }
+  if (num_rows == 0) return Status::Ok();
+  if (in == nullptr || out == nullptr) return InvalidArgumentError("ReduceHeadVotes: null pointer");
+  if (!Aligned(in, 4) || !Aligned(out, 4)) return InvalidArgumentError("ReduceHeadVotes: misaligned pointer");
+  KVAGENT_RETURN_IF_ERROR(CheckDevice());
+  return CudaStatus(sk::LaunchReduceHeads(in, num_rows, groups, group, reduce == HeadReduce::kMaxScore, out, stream),
+                    "ReduceHeadVotes");
+}
+
+Status GatherRows(const float* votes, const float* scores, size_t num_rows, int num_votes, const int32_t* ids,
+                  int count, float* out_scores, float* out_votes, Stream stream) {
+  if (num_rows >= kMaxRows || num_votes < 1 || count < 0) {
+    return InvalidArgumentError("GatherRows: num_rows must be < 2^31, num_votes >= 1, count >= 0");
+  }
+  if (count == 0) return Status::Ok();
+  if (scores == nullptr || ids == nullptr || out_scores == nullptr || (out_votes != nullptr && votes == nullptr)) {
+    return InvalidArgumentError("GatherRows: null pointer");
+  }
+  if (!Aligned(votes, 4) || !Aligned(scores, 4) || !Aligned(ids, 4) || !Aligned(out_scores, 4) ||
+      !Aligned(out_votes, 4)) {
+    return InvalidArgumentError("GatherRows: misaligned pointer");
+  }
+  KVAGENT_RETURN_IF_ERROR(CheckDevice());
+  return CudaStatus(sk::LaunchGatherRows(votes, scores, num_rows, num_votes, ids, count, out_scores, out_votes, stream),
+                    "GatherRows");
 }
 
 Status VoteStats(const float* votes, size_t num_rows, int num_votes, TokenNorm norm, float* stats, Stream stream) {

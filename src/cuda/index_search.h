@@ -65,8 +65,20 @@ Status SearchRows(const RowSearch& s, void* workspace, size_t workspace_bytes, f
 // ---- the steps of SearchRows, for timing and tests (same checks and errors) ----
 
 // Step 1: votes[u * num_rows + r] = R[r][u] (vote-major), device f32, num_rows * blocks * nq.
+// row_ids (optional, device int32, num_rows entries, 4-byte aligned): vote row r scores matrix row
+// row_ids[r] (a candidate list into a larger matrix; the caller keeps every id in range).
 Status ScoreVotes(const void* rows, bool f16, size_t num_rows, int blocks, int width, const float* q, int nq,
-                  float* votes, Stream stream);
+                  float* votes, Stream stream, const int32_t* row_ids = nullptr);
+// GQA reduction of per-query-head votes (HeadReduce::kMeanScore / kMaxScore): out[g * num_rows +
+// r] = mean (f32 sum, then / group, as the CPU) or max of in[(g * group + h) * num_rows + r], h <
+// group; device f32, in: num_rows * groups * group, out: num_rows * groups.
+Status ReduceHeadVotes(const float* in, size_t num_rows, int groups, int group, HeadReduce reduce, float* out,
+                       Stream stream);
+// The scores (and, when out_votes is set, the U votes, row-major) of `count` rows:
+// out_scores[k] = scores[ids[k]], out_votes[k * num_votes + u] = votes[u * num_rows + ids[k]].
+// ids: device int32, each in [0, num_rows) (not checked: the caller's candidates).
+Status GatherRows(const float* votes, const float* scores, size_t num_rows, int num_votes, const int32_t* ids,
+                  int count, float* out_scores, float* out_votes, Stream stream);
 // Step 2 statistics per vote: stats[2u], stats[2u + 1] = softmax {max, log Z}, z-score {mean,
 // 1 / sd or 0}; device f32, 2 * num_votes. A no-op for kNone or num_rows 0.
 Status VoteStats(const float* votes, size_t num_rows, int num_votes, TokenNorm norm, float* stats, Stream stream);

@@ -1,5 +1,6 @@
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/search_kernels.cuh"
@@ -60,7 +61,7 @@ __device__ __forceinline__ void LoadRow(const void* __restrict__ rows, size_t of
 template <bool kF16, int kVec>
 __global__ void __launch_bounds__(kDotThreads)
     ScoreVotesKernel(const void* __restrict__ rows, size_t num_rows, int blocks, int width, const float* __restrict__ q,
-                     int nq, float* __restrict__ votes) {
+                     int nq, float* __restrict__ votes, const int32_t* __restrict__ row_ids) {
   static_assert(kDotKTile % kVec == 0);
   __shared__ __align__(16) float qs[kDotKTile][kDotQueryTile];
   const int b = blockIdx.y;
@@ -71,7 +72,8 @@ __global__ void __launch_bounds__(kDotThreads)
 #pragma unroll
   for (int i = 0; i < kDotRowsPerThread; ++i) {
     // Rows past the end are clamped to the last row: computed like the others, never stored.
-    const size_t r = min(r0 + static_cast<size_t>(i) * kDotThreads, num_rows - 1);
+    size_t r = min(r0 + static_cast<size_t>(i) * kDotThreads, num_rows - 1);
+    if (row_ids != nullptr) r = static_cast<size_t>(__ldg(row_ids + r));
     off[i] = (r * blocks + b) * static_cast<size_t>(width);
   }
   float acc[kDotRowsPerThread][kDotQueryTile];
@@ -342,6 +344,33 @@ __global__ void DecodeTopKKernel(const uint64_t* __restrict__ keys, int count, f
   out_rows[i] = static_cast<int32_t>(~static_cast<uint32_t>(key));
 }
 
+// ---- GQA head reduction and gathers -------------------------------------------------------------
+__global__ void ReduceHeadsKernel(const float* __restrict__ in, size_t num_rows, int groups, int group, bool max,
+                                  float* __restrict__ out) {
+  const size_t n = static_cast<size_t>(groups) * num_rows;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t g = i / num_rows, r = i % num_rows;
+    const float* x = in + g * group * num_rows + r;
+    float acc = x[0];
+    for (int h = 1; h < group; ++h) acc = max ? fmaxf(acc, x[h * num_rows]) : acc + x[h * num_rows];
+    out[i] = max ? acc : acc / group;
+  }
+}
+
+__global__ void GatherRowsKernel(const float* __restrict__ votes, const float* __restrict__ scores, size_t num_rows,
+                                 int num_votes, const int32_t* __restrict__ ids, int count,
+                                 float* __restrict__ out_scores, float* __restrict__ out_votes) {
+  const int k = blockIdx.x;
+  if (k >= count) return;
+  const size_t r = static_cast<size_t>(ids[k]);
+  if (threadIdx.x == 0) out_scores[k] = scores[r];
+  if (out_votes == nullptr) return;
+  for (int u = threadIdx.x; u < num_votes; u += blockDim.x) {
+    out_votes[static_cast<size_t>(k) * num_votes + u] = votes[static_cast<size_t>(u) * num_rows + r];
+  }
+}
+
 template <typename T>
 unsigned GridFor(size_t n, T per_block) {
   return static_cast<unsigned>((n + static_cast<size_t>(per_block) - 1) / static_cast<size_t>(per_block));
@@ -350,16 +379,16 @@ unsigned GridFor(size_t n, T per_block) {
 }  // namespace
 
 cudaError_t LaunchScoreVotes(const void* rows, bool f16, size_t num_rows, int blocks, int width, const float* q, int nq,
-                             int vec, float* votes, cudaStream_t stream) {
+                             int vec, float* votes, cudaStream_t stream, const int32_t* row_ids) {
   const dim3 grid(GridFor(num_rows, kDotRowTile), static_cast<unsigned>(blocks), GridFor(nq, kDotQueryTile));
   if (f16 && vec == 8) {
-    ScoreVotesKernel<true, 8><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes);
+    ScoreVotesKernel<true, 8><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes, row_ids);
   } else if (f16 && vec == 1) {
-    ScoreVotesKernel<true, 1><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes);
+    ScoreVotesKernel<true, 1><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes, row_ids);
   } else if (!f16 && vec == 4) {
-    ScoreVotesKernel<false, 4><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes);
+    ScoreVotesKernel<false, 4><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes, row_ids);
   } else if (!f16 && vec == 1) {
-    ScoreVotesKernel<false, 1><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes);
+    ScoreVotesKernel<false, 1><<<grid, kDotThreads, 0, stream>>>(rows, num_rows, blocks, width, q, nq, votes, row_ids);
   } else {
     return cudaErrorInvalidValue;
   }
@@ -395,6 +424,21 @@ cudaError_t LaunchAggregate(const float* votes, size_t num_rows, int num_votes, 
   KVAGENT_AGG_CASE(kZScore, kMax)
 #undef KVAGENT_AGG_CASE
   return cudaErrorInvalidValue;
+}
+
+cudaError_t LaunchReduceHeads(const float* in, size_t num_rows, int groups, int group, bool max, float* out,
+                              cudaStream_t stream) {
+  const size_t n = static_cast<size_t>(groups) * num_rows;
+  const unsigned grid = static_cast<unsigned>(std::min<size_t>(GridFor(n, 256), 65535));
+  ReduceHeadsKernel<<<grid, 256, 0, stream>>>(in, num_rows, groups, group, max, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGatherRows(const float* votes, const float* scores, size_t num_rows, int num_votes,
+                             const int32_t* ids, int count, float* out_scores, float* out_votes, cudaStream_t stream) {
+  GatherRowsKernel<<<static_cast<unsigned>(count), 256, 0, stream>>>(votes, scores, num_rows, num_votes, ids, count,
+                                                                     out_scores, out_votes);
+  return cudaGetLastError();
 }
 
 size_t TopKCandidates(size_t n, int k) { return (n + kTopKChunk - 1) / kTopKChunk * static_cast<size_t>(k); }

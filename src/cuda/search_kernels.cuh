@@ -19,12 +19,26 @@ inline constexpr int kDotQueryTile = 32;  // query vectors per thread block (gri
 inline constexpr int kTopKChunk = 4096;   // candidates bitonic-sorted per thread block
 inline constexpr int kMaxTopK = 1024;     // <= kTopKChunk / 4, so every top-k pass shrinks the candidates
 
-// votes[(b * nq + j) * num_rows + r] = sum_i q[(b * nq + j) * width + i] * rows[(r * blocks + b) * width + i]
-// (f32 accumulation in order of i). Preconditions: num_rows in [1, 2^31); blocks in [1, 65535];
+// votes[(b * nq + j) * num_rows + r] = sum_i q[(b * nq + j) * width + i] * rows[(m(r) * blocks + b) * width + i]
+// (f32 accumulation in order of i), m(r) = row_ids[r] when row_ids is set (a candidate list into
+// a larger matrix), else r. Preconditions: num_rows in [1, 2^31); blocks in [1, 65535];
 // width >= 1; nq in [1, 65535 * kDotQueryTile]; vec is 1, 4 (f32) or 8 (f16), divides width, and
-// rows is aligned to vec elements (16 bytes for vec > 1).
+// rows is aligned to vec elements (16 bytes for vec > 1); row_ids, if set, holds num_rows valid
+// row indices (>= 0).
 cudaError_t LaunchScoreVotes(const void* rows, bool f16, size_t num_rows, int blocks, int width, const float* q, int nq,
-                             int vec, float* votes, cudaStream_t stream);
+                             int vec, float* votes, cudaStream_t stream, const int32_t* row_ids = nullptr);
+
+// GQA head reduction of vote-major votes: out[g * num_rows + r] = max or mean over h < group of
+// in[(g * group + h) * num_rows + r] (mean: f32 sum in order of h, then / group, as LatentIndex's
+// CPU path). Preconditions: num_rows in [1, 2^31); groups >= 1; group >= 1.
+cudaError_t LaunchReduceHeads(const float* in, size_t num_rows, int groups, int group, bool max, float* out,
+                              cudaStream_t stream);
+
+// Rows of interest, row-major: out_scores[k] = scores[ids[k]] and out_votes[k * num_votes + u] =
+// votes[u * num_rows + ids[k]] for k < count (out_votes may be null: scores only).
+// Preconditions: count >= 1, every ids[k] in [0, num_rows).
+cudaError_t LaunchGatherRows(const float* votes, const float* scores, size_t num_rows, int num_votes,
+                             const int32_t* ids, int count, float* out_scores, float* out_votes, cudaStream_t stream);
 
 // Per vote u < num_votes, over votes[u * num_rows + r] for r < num_rows:
 //   kSoftmax: stats[2u] = max_r v, stats[2u + 1] = log(sum_r exp(v - max)) (sum in double);

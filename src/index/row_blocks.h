@@ -17,6 +17,8 @@ class RowBlocks {
       : row_bytes_(row_bytes), per_block_(std::clamp<size_t>((size_t{64} << 20) / row_bytes, 1, 4096)) {}
 
   size_t row_bytes() const { return row_bytes_; }
+  // Slots per block: slots [k * per_block, (k + 1) * per_block) are contiguous in memory.
+  size_t per_block() const { return per_block_; }
   std::byte* Row(size_t slot) const { return blocks_[slot / per_block_].get() + (slot % per_block_) * row_bytes_; }
   // Makes slots [0, count) addressable; false (and unchanged) if a block cannot be allocated.
   bool Reserve(size_t count) {

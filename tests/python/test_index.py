@@ -7,7 +7,13 @@ import pytest
 
 import kv_agent
 from kv_agent import index as ki
-from kv_agent.errors import AlreadyExistsError, DataLossError, InvalidArgumentError, NotFoundError
+from kv_agent.errors import (
+    AlreadyExistsError,
+    DataLossError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 
 
 def make_spec(layers=4, q_heads=8, kv_heads=2, dim=16, attn_scale=0.0):
@@ -279,3 +285,76 @@ def test_concurrent_searches_from_threads():
     for t in threads:
         t.join()
     assert results == [2, 2, 2, 2]
+
+
+# ---- device search (IndexOptions.device) ----
+
+
+def _device_usable() -> bool:
+    try:
+        ki.LatentIndex(make_spec(), ki.IndexOptions(device=0))
+    except UnavailableError:
+        return False
+    return True
+
+
+def test_device_option_without_a_device_is_an_error():
+    if _device_usable():
+        pytest.skip("a CUDA device is usable here")
+    spec = make_spec()
+    for device in (0, 1, "cuda", "cuda:1"):
+        with pytest.raises(UnavailableError, match="device"):
+            ki.LatentIndex(spec, ki.IndexOptions(device=device))
+    with pytest.raises(InvalidArgumentError):
+        ki.LatentIndex(spec, ki.IndexOptions(device=-5))
+    # "auto" is the one option that may pick the CPU.
+    idx, keys, _ = build(spec, ki.IndexOptions(device="auto"))
+    assert idx.device == -1 and idx.device_memory_bytes() == 0
+    q = np.random.default_rng(1).standard_normal((len(idx.layers), 8, 3, 16)).astype(np.float32)
+    assert len(idx.search(q, top_k=3)) == 3
+    assert [h.key for h in idx.search(q, top_k=3, backend="cpu")] == [h.key for h in idx.search(q, top_k=3)]
+    with pytest.raises(UnavailableError):
+        idx.search(q, top_k=3, backend="device")
+    with pytest.raises(InvalidArgumentError):
+        idx.search(q, top_k=3, backend="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "score,norm,agg,head_reduce",
+    [
+        ("mean", "softmax", "max", "mean_query"),
+        ("bbox", "zscore", "mean", "max_score"),
+        ("mean", "none", "max", "mean_score"),
+    ],
+)
+def test_device_search_matches_cpu_brute_force(score, norm, agg, head_reduce):
+    if not _device_usable():
+        pytest.skip("no CUDA device (or kv_agent built without CUDA)")
+    spec = make_spec()
+    opts = ki.IndexOptions(score=score, norm=norm, agg=agg, head_reduce=head_reduce, device=0)
+    idx, keys, _ = build(spec, opts, n=120)
+    assert idx.device == 0
+    q = np.random.default_rng(3).standard_normal((len(idx.layers), 8, 4, 16)).astype(np.float32)
+
+    def compare(**kw):
+        dev = idx.search(q, backend="device", **kw)
+        cpu = idx.search(q, backend="cpu", exact=True, **kw)
+        assert [h.key for h in dev] == [h.key for h in cpu]
+        assert [h.pinned for h in dev] == [h.pinned for h in cpu]
+        big = max(abs(h.score) for h in cpu)
+        np.testing.assert_allclose([h.score for h in dev], [h.score for h in cpu], rtol=2e-4, atol=2e-5 * big)
+        for d, c in zip(dev, cpu, strict=True):
+            bd, bc = d.breakdown, c.breakdown
+            assert bd["layers"] == bc["layers"]
+            tol = 5e-4 * max(1e-30, *map(abs, bc["per_layer"]))
+            np.testing.assert_allclose(bd["per_layer"], bc["per_layer"], rtol=1e-3, atol=tol)
+
+    compare(top_k=5)
+    compare(top_k=4, session="s1", max_time_us=90, pinned=[keys[0], keys[3]])
+    compare(top_k=0, token_budget=120)
+    # Deletions and additions between searches reach the device mirror.
+    for k in keys[::7]:
+        idx.remove(k)
+    compare(top_k=5)
+    assert idx.device_memory_bytes() > 0
