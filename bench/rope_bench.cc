@@ -8,6 +8,8 @@
 //   BM_Memcpy/<MiB>/<threads>
 //   BM_RepositionKeys/<tokens>/<dtype 0=f32 2=bf16>/<threads>   K of all 32 layers as one
 //       [layers*heads][tokens][dim] array (what RepositionSegmentKeys does for a uniform spec)
+//   BM_ApplyKeys/<tokens>/<dtype>/<threads>   pre-RoPE keys of all 32 layers rotated to
+//       consecutive positions (one angle per token; loading a pre-RoPE segment)
 //   BM_RepositionSegment/<tokens>/<dtype>/<threads>              the segment helper on a full
 //       canonical payload (K and V), bytes counted for K only
 #include <benchmark/benchmark.h>
@@ -103,6 +105,29 @@ void BM_RepositionKeys(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * static_cast<int64_t>(bytes));
 }
 
+// Pre-RoPE keys rotated to consecutive new positions (what loading a pre-RoPE segment does):
+// every token has its own angle, so the cos/sin table has a row per token. Alternates forward
+// and inverse so the values stay bounded.
+void BM_ApplyKeys(benchmark::State& state) {
+  const int64_t tokens = state.range(0);
+  const DType dtype = static_cast<DType>(state.range(1));
+  const RopeOptions options{static_cast<int>(state.range(2))};
+  const int64_t heads = int64_t{kLayers} * kKvHeads;
+  const size_t bytes = static_cast<size_t>(heads * tokens * kHeadDim) * DTypeSize(dtype);
+  Bytes k = AllocFilled(bytes);
+  RopeTensorView v = RopeTensorView::Dense(k.get(), dtype, heads, tokens, kHeadDim);
+  const RopeSpec spec = Llama31Rope();
+  std::vector<int64_t> pos = Iota(tokens, 250000);
+  bool flip = false;
+  for (auto _ : state) {
+    Status st = RopeApply(spec, kHeadDim, v, v, pos, flip ? RopeDirection::kInverse : RopeDirection::kForward, options);
+    if (!st.ok()) state.SkipWithError(st.ToString().c_str());
+    flip = !flip;
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * static_cast<int64_t>(bytes));
+}
+
 void BM_RepositionSegment(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0));
   const DType dtype = static_cast<DType>(state.range(1));
@@ -133,6 +158,11 @@ std::vector<int64_t> ThreadCounts() {
 }
 
 BENCHMARK(BM_Memcpy)->ArgsProduct({{512}, ThreadCounts()})->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
+BENCHMARK(BM_ApplyKeys)
+    ->ArgsProduct({{1024, 4096, 16384}, {0, 2}, ThreadCounts()})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
 BENCHMARK(BM_RepositionKeys)
     ->ArgsProduct({{1024, 4096, 16384}, {0, 2}, ThreadCounts()})
     ->UseRealTime()

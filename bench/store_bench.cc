@@ -14,9 +14,10 @@
 //                          page-aligned memory, then fdatasync: the device without the page
 //                          cache (skipped where the file system refuses O_DIRECT). The write
 //                          limit is the faster of the two.
-//   DiskPut/<size>/<sync>  write-behind Puts of 256 MiB of segments into an empty store plus
-//                          Flush(); sync=1: the disk tier fdatasyncs every record, sync=0: once
-//                          in Flush (what DiskSeqWrite does).
+//   DiskPut/<size>/<sync>/<direct>  write-behind Puts of 256 MiB of segments into an empty store plus
+//                          Flush(); sync=1: the writer syncs each time the queue runs dry (group
+//                          commit), sync=0: once in Flush (what DiskSeqWrite does); direct=1: the
+//                          disk tier appends with O_DIRECT (the default), 0: buffered write(2).
 //   DiskGet/<size>         every segment read once from a reopened store (empty host tier) after
 //                          the page cache was dropped for all files in the directory (same
 //                          method), so the reads come from the device.
@@ -242,6 +243,7 @@ std::string FreshStoreDir(const char* tag, size_t size) {
 void BM_DiskPut(benchmark::State& state) {
   const size_t size = state.range(0);
   const bool sync = state.range(1) != 0;
+  const bool direct = state.range(2) != 0;
   const size_t n = kWorkingSet / size;
   auto proto = MakeSegment(size, 0);
   std::vector<std::shared_ptr<Segment>> segs;
@@ -255,6 +257,7 @@ void BM_DiskPut(benchmark::State& state) {
     StoreOptions o;
     o.path = dir;
     o.sync = sync;
+    o.disk_direct_io = direct;
     o.host_capacity_bytes = 64ull << 20;
     auto store = Store::Open(o);
     Check(store.status(), "open");
@@ -315,7 +318,7 @@ BENCHMARK(BM_DiskSeqWrite)->UseManualTime()->Iterations(3)->Unit(benchmark::kMil
 BENCHMARK(BM_DiskSeqWriteDirect)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DiskSeqRead)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DiskPut)
-    ->ArgsProduct({{64 << 10, 1 << 20, 16 << 20}, {0, 1}})
+    ->ArgsProduct({{64 << 10, 1 << 20, 16 << 20}, {0, 1}, {1, 0}})
     ->UseManualTime()
     ->Iterations(2)
     ->Unit(benchmark::kMillisecond);

@@ -62,10 +62,10 @@ struct DiskTierOptions {
   uint64_t max_file_bytes = 256ull << 20;  // roll over to a new segment file
   bool sync = true;                        // fdatasync every record before Put returns
   CodecKind codec = CodecKind::kRaw;       // encoding of payloads written from now on
-  // Append with direct I/O (O_DIRECT) where the file system allows it: records are staged in a
-  // 4 MiB aligned buffer and large block-aligned payloads go to the device without a copy, so
-  // writes bypass the page cache's copy. Records become visible to readers when the staging
-  // buffer is written out (before any read of them, at Sync and at catalog commits).
+  // Write payloads of 4 MiB and more with direct I/O (O_DIRECT) where the file system allows it:
+  // padded to start on a 4 KiB block in the file (record format version 2), they go from the
+  // segment's memory to the device without the page cache's copy; smaller records and all
+  // headers are written through the page cache. Env::NewDirectWritableFile.
   bool direct_io = true;
   double compact_dead_ratio = 0.5;               // auto-compact when dead/total file bytes exceeds this
   uint64_t compact_min_dead_bytes = 1ull << 20;  // ...and at least this many bytes are dead
@@ -99,8 +99,8 @@ class DiskTier {
   // errors as returned by the Env. On any error the tier is unchanged. May evict (see above)
   // and may run an automatic compaction before returning.
   virtual Status Put(const Segment& segment) = 0;
-  // Put for several segments at once, in order, with one write-out and one catalog change per
-  // segment file they land in (what lets direct I/O coalesce small records). Sets *written to
+  // Put for several segments at once, in order, under one lock hold with one catalog change per
+  // segment file they land in. Sets *written to
   // the number of leading segments stored. On an error the segments from *written on are not
   // stored (the tier holds exactly the first *written); a segment that fails Validate stops the
   // batch before anything is written. The default stores them one Put at a time.

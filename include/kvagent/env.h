@@ -46,9 +46,8 @@ class WritableFile {
   virtual Status Close() = 0;
   // Bytes in the file, counting appended-but-unsynced data.
   virtual uint64_t Size() const = 0;
-  // Direct I/O (see Env::NewDirectWritableFile): the block size in bytes that makes an Append
-  // zero-copy (data starting at an address and a file offset that are multiples of it, at least
-  // one block long); 0 for a buffered file.
+  // Direct I/O (see Env::NewDirectWritableFile): the alignment in bytes (of memory and file
+  // offset) that lets a large Append bypass the page cache; 0 for a buffered file.
   virtual size_t DirectIoAlignment() const { return 0; }
 };
 
@@ -70,14 +69,13 @@ class Env {
   virtual StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) = 0;
   // Opens `path` for appending, creating it if missing; Size() starts at the current size.
   virtual StatusOr<std::unique_ptr<WritableFile>> NewAppendableFile(const std::string& path) = 0;
-  // Like NewWritableFile (truncate = true) or NewAppendableFile, but bypassing the OS page cache
-  // where the file system allows it (POSIX O_DIRECT): appends collect in an aligned staging
-  // buffer written out in whole blocks when it fills, at Flush, Sync and Close, and block-aligned
-  // appends of whole blocks go straight from the caller's memory to the device. Appended bytes
-  // are visible to readers only after Flush (or Sync/Close). The file may hold up to one block of
-  // zero bytes past Size() between a Flush and the next Sync/Close (which cut them). Where direct
-  // I/O is unavailable (other Envs, tmpfs) this returns an ordinary buffered file
-  // (DirectIoAlignment() == 0).
+  // Like NewWritableFile (truncate = true) or NewAppendableFile, but large appends bypass the
+  // OS page cache where the file system allows it (POSIX O_DIRECT): an append of 1 MiB or more
+  // that starts at an address and a file offset that are multiples of DirectIoAlignment() goes,
+  // whole blocks of it, from the caller's memory to the device without the page cache's copy;
+  // everything else is written through the page cache as usual. Appended bytes are visible to
+  // readers when Append returns, as with NewAppendableFile. Where direct I/O is unavailable
+  // (other Envs, tmpfs) this returns an ordinary buffered file (DirectIoAlignment() == 0).
   virtual StatusOr<std::unique_ptr<WritableFile>> NewDirectWritableFile(const std::string& path, bool truncate) {
     return truncate ? NewWritableFile(path) : NewAppendableFile(path);
   }

@@ -95,163 +95,90 @@ class PosixWritableFile final : public WritableFile {
   uint64_t size_;
 };
 
-// Direct-I/O appender (O_DIRECT). Invariants: `base_` is a multiple of kBlock and the file's
-// bytes [0, base_) are written; staging_[0, staged_) holds the bytes [base_, size_), so size_ =
-// base_ + staged_. Writes always start at base_ and cover whole blocks; a partial last block is
-// written zero-padded and kept in staging (its bytes are rewritten by the next write-out), so
-// the file may hold up to one block of zeros past size_ (physical_) until Sync/Close cut it.
+// Appender with direct I/O for large appends: an append of at least kDirectMin bytes that
+// starts on a block boundary in memory and in the file goes, whole blocks of it, through a second
+// descriptor opened with O_DIRECT, straight from the caller's memory to the device; everything
+// else is an ordinary pwrite through the page cache. Both land before Append returns, so readers
+// see every appended byte and a killed process loses nothing written. Direct writes only cover
+// blocks no buffered write has touched (they start at the file's end), so the two paths never
+// overlap in the page cache.
 class PosixDirectWritableFile final : public WritableFile {
  public:
   static constexpr size_t kBlock = 4096;
-  static constexpr size_t kStaging = size_t{4} << 20;
+  static constexpr size_t kDirectMin = size_t{1} << 20;
 
-  PosixDirectWritableFile(std::string path, int fd, uint64_t size, std::byte* staging)
-      : path_(std::move(path)),
-        fd_(fd),
-        size_(size),
-        physical_(size),
-        base_(size / kBlock * kBlock),
-        staging_(staging) {
-    staged_ = static_cast<size_t>(size_ - base_);
-  }
-  ~PosixDirectWritableFile() override {
-    Close().IgnoreError();
-    std::free(staging_);
-  }
+  ~PosixDirectWritableFile() override { Close().IgnoreError(); }
 
-  // Opens `path` with O_DIRECT; nullptr (errno set) when the file system refuses it.
   static StatusOr<std::unique_ptr<WritableFile>> Open(const std::string& path, bool truncate) {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_DIRECT | (truncate ? O_TRUNC : 0), 0644);
-    if (fd < 0) return ErrnoToStatus(errno, "open (direct) " + path);
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (truncate ? O_TRUNC : 0), 0644);
+    if (fd < 0) return ErrnoToStatus(errno, (truncate ? "create " : "open for append ") + path);
     struct stat st;
     if (::fstat(fd, &st) != 0) {
       int err = errno;
       ::close(fd);
       return ErrnoToStatus(err, "fstat " + path);
     }
-    auto* staging = static_cast<std::byte*>(std::aligned_alloc(kBlock, kStaging));
-    if (staging == nullptr) {
-      ::close(fd);
-      return ResourceExhaustedError("direct I/O staging buffer for " + path);
-    }
-    const uint64_t size = static_cast<uint64_t>(st.st_size);
-    std::unique_ptr<PosixDirectWritableFile> f(new PosixDirectWritableFile(path, fd, size, staging));
-    if (f->staged_ > 0) {
-      // The existing partial last block: read it back (through a buffered descriptor, which sees
-      // the same bytes) so the next write-out can rewrite it whole.
-      int rfd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-      if (rfd < 0) return ErrnoToStatus(errno, "open " + path);
-      ssize_t r = ::pread(rfd, staging, f->staged_, static_cast<off_t>(f->base_));
+    int dfd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_DIRECT);
+    if (dfd < 0) {
       int err = errno;
-      ::close(rfd);
-      if (r != static_cast<ssize_t>(f->staged_))
-        return r < 0 ? ErrnoToStatus(err, "pread " + path) : InternalError("short read of the last block of " + path);
+      ::close(fd);
+      return ErrnoToStatus(err, "open (O_DIRECT) " + path);
     }
-    return std::unique_ptr<WritableFile>(std::move(f));
+    return std::unique_ptr<WritableFile>(new PosixDirectWritableFile(path, fd, dfd, static_cast<uint64_t>(st.st_size)));
   }
 
   Status Append(std::span<const std::byte> data) override {
     if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
-    while (!data.empty()) {
-      const bool aligned_source = reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0 && data.size() >= kBlock;
-      if (aligned_source && staged_ % kBlock == 0) {
-        // Zero-copy: write out the whole staged blocks, then the caller's blocks in place.
-        KVAGENT_RETURN_IF_ERROR(WriteOutStaged());
-        const size_t n = data.size() / kBlock * kBlock;
-        KVAGENT_RETURN_IF_ERROR(WriteBlocks(data.data(), n, size_));
-        size_ += n;
-        base_ = size_;
-        physical_ = std::max(physical_, size_);
-        data = data.subspan(n);
-        continue;
-      }
-      const size_t m = std::min(kStaging - staged_, data.size());
-      std::memcpy(staging_ + staged_, data.data(), m);
-      staged_ += m;
-      size_ += m;
-      dirty_ = true;
-      data = data.subspan(m);
-      if (staged_ == kStaging) KVAGENT_RETURN_IF_ERROR(WriteOutStaged());
+    if (data.size() >= kDirectMin && size_ % kBlock == 0 && reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0) {
+      const size_t n = data.size() / kBlock * kBlock;
+      KVAGENT_RETURN_IF_ERROR(WriteAt(dfd_, data.first(n), "write (O_DIRECT) "));
+      data = data.subspan(n);
     }
-    return Status::Ok();
+    return WriteAt(fd_, data, "write ");
   }
-
-  Status Flush() override {
-    if (fd_ < 0) return FailedPreconditionError("flush of closed file " + path_);
-    return WriteOutStaged();
-  }
-
+  Status Flush() override { return Status::Ok(); }  // nothing is held in the process
   Status Sync() override {
     if (fd_ < 0) return FailedPreconditionError("sync of closed file " + path_);
-    KVAGENT_RETURN_IF_ERROR(WriteOutStaged());
-    KVAGENT_RETURN_IF_ERROR(CutPadding());
     if (::fdatasync(fd_) != 0) return ErrnoToStatus(errno, "fdatasync " + path_);
     return Status::Ok();
   }
-
   Status Close() override {
     if (fd_ < 0) return Status::Ok();
-    Status s = WriteOutStaged();
-    if (s.ok()) s = CutPadding();
     int rc = ::close(fd_);
-    fd_ = -1;
-    if (s.ok() && rc != 0) s = ErrnoToStatus(errno, "close " + path_);
-    return s;
+    int err = errno;
+    ::close(dfd_);
+    fd_ = dfd_ = -1;
+    if (rc != 0) return ErrnoToStatus(err, "close " + path_);
+    return Status::Ok();
   }
-
   uint64_t Size() const override { return size_; }
   size_t DirectIoAlignment() const override { return kBlock; }
 
  private:
-  // pwrite of whole blocks at a block-aligned offset; a short write is continued, an error
-  // returned.
-  Status WriteBlocks(const std::byte* p, size_t n, uint64_t offset) {
+  PosixDirectWritableFile(std::string path, int fd, int dfd, uint64_t size)
+      : path_(std::move(path)), fd_(fd), dfd_(dfd), size_(size) {}
+
+  // pwrite of all of `data` at the end of the file (size_ advances by what was written, also
+  // on an error, like PosixWritableFile).
+  Status WriteAt(int fd, std::span<const std::byte> data, const char* what) {
     size_t done = 0;
-    while (done < n) {
-      ssize_t w = ::pwrite(fd_, p + done, n - done, static_cast<off_t>(offset + done));
+    while (done < data.size()) {
+      ssize_t w = ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(size_ + done));
       if (w < 0) {
         if (errno == EINTR) continue;
-        return ErrnoToStatus(errno, "write (direct) " + path_);
+        size_ += done;
+        return ErrnoToStatus(errno, what + path_);
       }
-      if (w == 0 || static_cast<size_t>(w) % kBlock != 0)
-        return InternalError("short direct write of " + path_ + " (" + std::to_string(w) + " bytes)");
       done += static_cast<size_t>(w);
     }
-    return Status::Ok();
-  }
-
-  // Writes staging_[0, staged_) at base_, zero-padded to whole blocks; keeps a partial last
-  // block staged (moved to the front) so base_ stays block-aligned.
-  Status WriteOutStaged() {
-    if (!dirty_) return Status::Ok();
-    const size_t whole = staged_ / kBlock * kBlock;
-    const size_t tail = staged_ - whole;
-    const size_t padded = whole + (tail > 0 ? kBlock : 0);
-    std::memset(staging_ + staged_, 0, padded - staged_);
-    KVAGENT_RETURN_IF_ERROR(WriteBlocks(staging_, padded, base_));
-    physical_ = std::max(physical_, base_ + padded);
-    if (tail > 0 && whole > 0) std::memmove(staging_, staging_ + whole, tail);
-    base_ += whole;
-    staged_ = tail;
-    dirty_ = false;
-    return Status::Ok();
-  }
-
-  Status CutPadding() {
-    if (physical_ <= size_) return Status::Ok();
-    if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) return ErrnoToStatus(errno, "ftruncate " + path_);
-    physical_ = size_;
+    size_ += done;
     return Status::Ok();
   }
 
   std::string path_;
-  int fd_;
-  uint64_t size_;       // logical size: bytes appended
-  uint64_t physical_;   // file size on the OS side (>= size_ after a padded write-out)
-  uint64_t base_;       // file offset of staging_[0], a multiple of kBlock
-  bool dirty_ = false;  // staged bytes not yet written out
-  std::byte* staging_;
-  size_t staged_ = 0;
+  int fd_;   // buffered
+  int dfd_;  // O_DIRECT
+  uint64_t size_;
 };
 
 class PosixFileLock final : public FileLock {

@@ -17,6 +17,7 @@ constexpr int64_t kMaxAbsPosition = int64_t{1} << 31;
 constexpr int64_t kTokenBlock = 512;
 constexpr size_t kElementsPerThread = size_t{1} << 16;  // below this, threads cost more than they save
 constexpr int kMaxHeadDim = 4096;
+constexpr int64_t kPrefetchRows = 16;  // bf16 rows prefetched ahead (for write: rotated in place)
 
 void ParallelFor(int64_t n, int threads, const std::function<void(int64_t, int64_t)>& fn) {
   threads = static_cast<int>(std::min<int64_t>(threads, n));
@@ -149,7 +150,7 @@ struct Unit {
 // One (plane, head, token block). Compiled for AVX2 and baseline x86-64 where the compiler
 // supports function multi-versioning; the loader picks the variant for this CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
 void RotateUnit(const RopeFrequencies& freqs, const CosSinTable& table, const PlanePair& p, int64_t head, int64_t t0,
                 int64_t t1) {
@@ -165,9 +166,13 @@ void RotateUnit(const RopeFrequencies& freqs, const CosSinTable& table, const Pl
   for (int64_t t = t0; t < t1; ++t) {
     const std::byte* x = in_base + static_cast<size_t>(head * p.in.head_stride + t * p.in.token_stride) * in_es;
     std::byte* y = out_base + static_cast<size_t>(head * p.out.head_stride + t * p.out.token_stride) * out_es;
-    const float* c = table.cos.data() + static_cast<size_t>(t) * half;
-    const float* s = table.sin.data() + static_cast<size_t>(t) * half;
+    const float* c = table.CosRow(t);
+    const float* s = table.SinRow(t);
     if (p.in.dtype == DType::kBF16 && p.out.dtype == DType::kBF16) {
+      if (t + kPrefetchRows < t1) {
+        const std::byte* ahead = x + static_cast<size_t>(kPrefetchRows * p.in.token_stride) * in_es;
+        for (int64_t off = 0; off < dim * 2; off += 64) __builtin_prefetch(ahead + off, 1);
+      }
       const auto* xs = reinterpret_cast<const uint16_t*>(x);
       auto* ys = reinterpret_cast<uint16_t*>(y);
       if (freqs.style == RopeStyle::kHalfSplit) {
@@ -211,12 +216,15 @@ CosSinTable BuildTable(const RopeFrequencies& freqs, std::span<const int64_t> po
   CosSinTable t;
   t.half = freqs.rotary_dim / 2;
   t.tokens = static_cast<int64_t>(positions.size());
-  const size_t n = static_cast<size_t>(t.tokens) * static_cast<size_t>(t.half);
+  t.uniform = !positions.empty() &&
+              std::all_of(positions.begin(), positions.end(), [&](int64_t p) { return p == positions.front(); });
+  const int64_t rows = t.uniform ? 1 : t.tokens;
+  const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(t.half);
   t.cos.resize(n);
   t.sin.resize(n);
   const double sin_scale = negate_sin ? -scale : scale;
   const int work_threads = std::min(threads, std::max(1, static_cast<int>(n / 4096)));
-  ParallelFor(t.tokens, work_threads, [&](int64_t b, int64_t e) {
+  ParallelFor(rows, work_threads, [&](int64_t b, int64_t e) {
     for (int64_t tok = b; tok < e; ++tok) {
       const double p = static_cast<double>(positions[static_cast<size_t>(tok)]);
       float* c = t.cos.data() + static_cast<size_t>(tok) * t.half;

@@ -14,8 +14,14 @@ namespace kvagent::rope_detail {
 struct CosSinTable {
   int half = 0;
   int64_t tokens = 0;
+  // True when every position is the same (a segment moved as a block has one delta): cos and
+  // sin then hold that one row, read for every token (it stays in L1 instead of streaming a
+  // row per token and head).
+  bool uniform = false;
   std::vector<float> cos;
   std::vector<float> sin;
+  const float* CosRow(int64_t t) const { return cos.data() + static_cast<size_t>(uniform ? 0 : t) * half; }
+  const float* SinRow(int64_t t) const { return sin.data() + static_cast<size_t>(uniform ? 0 : t) * half; }
 };
 
 // Threads to use for `elements` elements of work under `options` (>= 1).

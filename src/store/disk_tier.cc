@@ -52,16 +52,8 @@ std::string DiskTierImpl::FilePath(uint64_t file_no) const {
 // ---------------------------------------------------------------- writing
 
 StatusOr<std::unique_ptr<WritableFile>> DiskTierImpl::OpenActiveLocked(const std::string& path, bool truncate) {
-  active_unflushed_ = false;
   if (opts_.direct_io) return env_->NewDirectWritableFile(path, truncate);
   return truncate ? env_->NewWritableFile(path) : env_->NewAppendableFile(path);
-}
-
-Status DiskTierImpl::FlushActiveLocked() {
-  if (!active_ || !active_unflushed_) return Status::Ok();
-  KVAGENT_RETURN_IF_ERROR(active_->Flush().WithContext("disk tier flush"));
-  active_unflushed_ = false;
-  return Status::Ok();
 }
 
 Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
@@ -142,11 +134,7 @@ Status DiskTierImpl::AppendLocked(std::span<const AppendPiece> pieces, uint64_t*
     if (s.ok() && pad > 0) s = active_->Append(std::span<const std::byte>(kZeros, pad));
     if (!s.ok()) break;
   }
-  if (active_->DirectIoAlignment() != 0) active_unflushed_ = true;
-  // Visible to readers (and to the OS, so a killed process loses nothing acknowledged) before
-  // returning; durable too with options.sync.
-  if (s.ok()) s = opts_.sync ? active_->Sync() : FlushActiveLocked();
-  if (s.ok()) active_unflushed_ = false;
+  if (s.ok()) s = opts_.sync ? active_->Sync() : active_->Flush();
   if (!s.ok()) {
     RollbackActiveLocked(no, start);
     return s.WithContext("disk tier append");
@@ -227,9 +215,6 @@ void DiskTierImpl::FlushCatalogLocked() {
     return;
   }
   if (catalog_dirty_.empty() && pending_ends_.empty()) return;
-  // Rows go in only for bytes the OS has: a direct-I/O file's staged records are written first.
-  // If that fails the rows stay pending (the next flush retries; Open rescans the files anyway).
-  if (!FlushActiveLocked().ok()) return;
   Status s = catalog_->Begin();
   for (const auto& k : catalog_dirty_) {
     if (!s.ok()) break;
@@ -367,7 +352,6 @@ StatusOr<DiskTierImpl::ReadTicket> DiskTierImpl::TicketFor(const Hash128& key, c
   if (model) KVAGENT_RETURN_IF_ERROR(CheckFingerprint(it->second.info.model, *model));
   auto f = files_.find(it->second.loc.file_no);
   if (f == files_.end()) return InternalError("disk tier: segment file of " + key.ToHex() + " is missing");
-  if (it->second.loc.file_no == active_no_) KVAGENT_RETURN_IF_ERROR(FlushActiveLocked());
   lru_.splice(lru_.begin(), lru_, it->second.lru);
   return ReadTicket{it->second.loc, it->second.info, f->second.reader};
 }
@@ -515,7 +499,6 @@ StatusOr<VerifyReport> DiskTierImpl::Verify(ProgressFn progress) {
   uint64_t total = 0;
   {
     std::lock_guard<std::mutex> l(mu_);
-    KVAGENT_RETURN_IF_ERROR(FlushActiveLocked());
     for (const auto& [k, e] : index_) {
       auto f = files_.find(e.loc.file_no);
       todo.emplace_back(k, ReadTicket{e.loc, e.info, f == files_.end() ? nullptr : f->second.reader});

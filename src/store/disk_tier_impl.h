@@ -82,9 +82,6 @@ class DiskTierImpl final : public DiskTier {
   Status EnsureActiveLocked(uint64_t record_len);
   // Opens the active segment file (direct I/O when options.direct_io).
   StatusOr<std::unique_ptr<WritableFile>> OpenActiveLocked(const std::string& path, bool truncate);
-  // Makes every record appended to the active file visible to readers (a direct-I/O file
-  // stages appends in memory until Flush).
-  Status FlushActiveLocked();
   void RollbackActiveLocked(uint64_t file_no, uint64_t old_size);
   Status WriteTombstonesLocked(const std::vector<Hash128>& keys);
   void InsertLocked(const Hash128& key, const RecordLocation& loc, const SegmentInfo& info);
@@ -130,9 +127,10 @@ class DiskTierImpl final : public DiskTier {
   static constexpr size_t kCatalogBatchRecords = 512;
   static constexpr uint64_t kCatalogBatchBytes = 256ull << 20;
   std::unique_ptr<WritableFile> active_;
-  bool active_unflushed_ = false;  // records appended to active_ that readers cannot see yet
-  // Payloads at least this large and block-aligned in memory are written without a copy.
-  static constexpr size_t kDirectMinPayload = 256 << 10;
+  // Payloads at least this large and block-aligned in memory start on a block in the file too,
+  // so the direct-I/O file writes them without the page cache (measured: faster from 16 MiB,
+  // slower than buffered writes at 1 MiB and below on the development VM).
+  static constexpr size_t kDirectMinPayload = 4 << 20;
   static constexpr size_t kDirectBlock = 4096;
   uint64_t active_no_ = 0;  // 0: no file open for appending
   uint64_t next_file_no_ = 1;

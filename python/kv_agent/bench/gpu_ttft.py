@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--index-layers", default="",
                     help="layers the index scores, e.g. '0-7' (default: 8 evenly spaced); the query-Q forward "
                          "stops after the last one, so early layers make it cheaper")
+    ap.add_argument("--index-device", default="cpu",
+                    help="where the latent index searches: cpu, cuda[:N] or auto (device search needs a CUDA "
+                         "build of kv_agent; docs/retrieval.md)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also time kv-memory with the adapter's CUDA-graph option (HFEngine(cuda_graphs=True)): "
                          "query-Q and the query prefill replay captured graphs over a static cache; the eager "
@@ -150,9 +153,11 @@ def main(argv=None) -> int:
         if args.index_layers:
             from kv_agent.bench.kv_system import parse_variant
 
-            index = kvindex.LatentIndex(spec, parse_variant(f"mean:softmax:max:{args.index_layers}"))
+            index_options = parse_variant(f"mean:softmax:max:{args.index_layers}")
         else:
-            index = kvindex.LatentIndex(spec)
+            index_options = kvindex.IndexOptions()
+        index_options.device = args.index_device
+        index = kvindex.LatentIndex(spec, index_options)
         layers = list(index.layers)
         t_sum = time.perf_counter()
         for i in range(nseg):
@@ -264,6 +269,7 @@ def main(argv=None) -> int:
             "kv_bytes_per_token": bytes_per_token, "weights": "random (timing only)", "tiny": args.tiny,
             "date": time.strftime("%Y-%m-%d"), "budget": B, "segment_tokens": S,
             "index_layers": args.index_layers or "default",
+            "index_device": args.index_device,
             "kv_path": "cuda graphs (HFEngine cuda_graphs=True); eager path in kv_eager_*" if graphs_ok
             else "eager"}
     (out / "gpu_ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
