@@ -15,6 +15,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <thread>
@@ -83,7 +84,12 @@ std::vector<int64_t> Iota(int64_t n, int64_t start) {
   return v;
 }
 
-void BM_RepositionKeys(benchmark::State& state) {
+// K of all 32 layers as one dense [layers*heads][tokens][dim] array, rotated in place by `step`
+// (called with the iteration's parity so alternate calls undo each other); bytes = K read +
+// written.
+void RunKeysBench(
+    benchmark::State& state,
+    const std::function<Status(const RopeSpec&, const RopeTensorView&, int64_t, bool, const RopeOptions&)>& step) {
   const int64_t tokens = state.range(0);
   const DType dtype = static_cast<DType>(state.range(1));
   const RopeOptions options{static_cast<int>(state.range(2))};
@@ -92,12 +98,9 @@ void BM_RepositionKeys(benchmark::State& state) {
   Bytes k = AllocFilled(bytes);
   RopeTensorView v = RopeTensorView::Dense(k.get(), dtype, heads, tokens, kHeadDim);
   const RopeSpec spec = Llama31Rope();
-  // Alternate between two placements so every iteration does real work.
-  std::vector<int64_t> a = Iota(tokens, 1000), b = Iota(tokens, 250000);
   bool flip = false;
   for (auto _ : state) {
-    Status st = flip ? RopeReposition(spec, kHeadDim, v, v, b, a, options)
-                     : RopeReposition(spec, kHeadDim, v, v, a, b, options);
+    Status st = step(spec, v, tokens, flip, options);
     if (!st.ok()) state.SkipWithError(st.ToString().c_str());
     flip = !flip;
     benchmark::ClobberMemory();
@@ -105,27 +108,22 @@ void BM_RepositionKeys(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * static_cast<int64_t>(bytes));
 }
 
+// Post-RoPE keys moved between two placements (one delta for all tokens).
+void BM_RepositionKeys(benchmark::State& state) {
+  const std::vector<int64_t> a = Iota(state.range(0), 1000), b = Iota(state.range(0), 250000);
+  RunKeysBench(state, [&](const RopeSpec& spec, const RopeTensorView& v, int64_t, bool flip, const RopeOptions& o) {
+    return flip ? RopeReposition(spec, kHeadDim, v, v, b, a, o) : RopeReposition(spec, kHeadDim, v, v, a, b, o);
+  });
+}
+
 // Pre-RoPE keys rotated to consecutive new positions (what loading a pre-RoPE segment does):
 // every token has its own angle, so the cos/sin table has a row per token. Alternates forward
 // and inverse so the values stay bounded.
 void BM_ApplyKeys(benchmark::State& state) {
-  const int64_t tokens = state.range(0);
-  const DType dtype = static_cast<DType>(state.range(1));
-  const RopeOptions options{static_cast<int>(state.range(2))};
-  const int64_t heads = int64_t{kLayers} * kKvHeads;
-  const size_t bytes = static_cast<size_t>(heads * tokens * kHeadDim) * DTypeSize(dtype);
-  Bytes k = AllocFilled(bytes);
-  RopeTensorView v = RopeTensorView::Dense(k.get(), dtype, heads, tokens, kHeadDim);
-  const RopeSpec spec = Llama31Rope();
-  std::vector<int64_t> pos = Iota(tokens, 250000);
-  bool flip = false;
-  for (auto _ : state) {
-    Status st = RopeApply(spec, kHeadDim, v, v, pos, flip ? RopeDirection::kInverse : RopeDirection::kForward, options);
-    if (!st.ok()) state.SkipWithError(st.ToString().c_str());
-    flip = !flip;
-    benchmark::ClobberMemory();
-  }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * static_cast<int64_t>(bytes));
+  const std::vector<int64_t> pos = Iota(state.range(0), 250000);
+  RunKeysBench(state, [&](const RopeSpec& spec, const RopeTensorView& v, int64_t, bool flip, const RopeOptions& o) {
+    return RopeApply(spec, kHeadDim, v, v, pos, flip ? RopeDirection::kInverse : RopeDirection::kForward, o);
+  });
 }
 
 void BM_RepositionSegment(benchmark::State& state) {
