@@ -239,6 +239,48 @@ Status DiskTierImpl::Put(const Segment& segment) {
   return PutBatch(std::span<const Segment* const>(&one, 1), &written);
 }
 
+Status DiskTierImpl::CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets) {
+  offsets->clear();
+  if (block == 0 || block > kDirectBlock || pieces->size() < 2) return Status::Ok();
+  uint64_t total = 0;
+  for (const AppendPiece& p : *pieces) {
+    if (p.payload.size() >= kCoalesceMaxPayload) return Status::Ok();  // written on its own
+    total += p.record_len;
+  }
+  if (total < kCoalesceMinBytes) return Status::Ok();
+  // Room for the records and both paddings in this file, so the offsets below stay true.
+  KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(total + 2 * kMaxPaddingRecord));
+  const uint64_t start = active_->Size();
+  const uint64_t lead = PaddingTo(start, block);
+  const uint64_t tail = PaddingTo(start + lead + total, block);
+  const uint64_t len = total + tail;
+  if (coalesce_cap_ < len) {
+    coalesce_.reset(static_cast<std::byte*>(
+        std::aligned_alloc(kDirectBlock, (len + kDirectBlock - 1) / kDirectBlock * kDirectBlock)));
+    coalesce_cap_ = coalesce_ ? len : 0;
+    if (!coalesce_) return Status::Ok();  // no memory for it: write the records one by one
+  }
+  std::byte* out = coalesce_.get();
+  uint64_t at = 0;
+  for (const AppendPiece& p : *pieces) {
+    offsets->push_back(at);
+    std::memcpy(out + at, p.prefix.data(), p.prefix.size());
+    std::memcpy(out + at + p.prefix.size(), p.payload.data(), p.payload.size());
+    const uint64_t used = p.prefix.size() + p.payload.size();
+    std::memset(out + at + used, 0, p.record_len - used);
+    at += p.record_len;
+  }
+  if (tail > 0) {
+    EncodedRecord pad = BuildPadding(tail);
+    std::memcpy(out + at, pad.prefix.data(), tail);
+  }
+  coalesce_lead_ = lead > 0 ? BuildPadding(lead).prefix : std::string();
+  pieces->clear();
+  if (lead > 0) pieces->push_back(AppendPiece{AsBytes(coalesce_lead_), {}, lead});
+  pieces->push_back(AppendPiece{{}, std::span<const std::byte>(out, len), len});
+  return Status::Ok();
+}
+
 Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* written) {
   *written = 0;
   // Encoding and checksums outside the lock.
@@ -294,7 +336,18 @@ Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* 
       at += p.rec.header.record_len;
     }
     uint64_t no = 0;
+    std::vector<uint64_t> record_offsets;
+    KVAGENT_RETURN_IF_ERROR(CoalesceLocked(block, &pieces, &record_offsets));
     KVAGENT_RETURN_IF_ERROR(AppendLocked(pieces, &no, &offsets));
+    if (record_offsets.empty()) {
+      record_offsets = offsets;
+    } else {
+      // Coalesced: [leading padding], one block-aligned buffer; records sit at known distances
+      // from that buffer's start.
+      const uint64_t base = offsets.back();
+      for (uint64_t& o : record_offsets) o += base;
+    }
+    offsets = std::move(record_offsets);
     std::vector<Hash128> keys;
     uint64_t bytes = 0;
     for (size_t k = i; k < j; ++k) {

@@ -80,6 +80,12 @@ class DiskTierImpl final : public DiskTier {
   // *offsets (one per piece) say where they went.
   Status AppendLocked(std::span<const AppendPiece> pieces, uint64_t* file_no, std::vector<uint64_t>* offsets);
   Status EnsureActiveLocked(uint64_t record_len);
+  // Direct I/O for a batch of small records: when `pieces` (one per record, every payload below
+  // kCoalesceMaxPayload) add up to kCoalesceMinBytes or more, replaces them with [padding to the next block
+  // boundary,] one block-aligned buffer holding the records and a trailing padding record, so
+  // the file writes the buffer with O_DIRECT; *offsets then holds each record's offset from the
+  // buffer's start. Otherwise leaves `pieces` alone and *offsets empty.
+  Status CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets);
   // Opens the active segment file (direct I/O when options.direct_io).
   StatusOr<std::unique_ptr<WritableFile>> OpenActiveLocked(const std::string& path, bool truncate);
   void RollbackActiveLocked(uint64_t file_no, uint64_t old_size);
@@ -132,6 +138,16 @@ class DiskTierImpl final : public DiskTier {
   // slower than buffered writes at 1 MiB and below on the development VM).
   static constexpr size_t kDirectMinPayload = 4 << 20;
   static constexpr size_t kDirectBlock = 4096;
+  // Coalescing pays for records below 256 KiB (64 KiB: +30%); from 1 MiB the page cache's
+  // asynchronous writeback beat one synchronous direct write per batch (docs/benchmarks.md).
+  static constexpr uint64_t kCoalesceMinBytes = 1 << 20;
+  static constexpr uint64_t kCoalesceMaxPayload = 256 << 10;
+  struct FreeDeleter {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  std::unique_ptr<std::byte, FreeDeleter> coalesce_;  // reused aligned buffer (under mu_)
+  uint64_t coalesce_cap_ = 0;
+  std::string coalesce_lead_;
   uint64_t active_no_ = 0;  // 0: no file open for appending
   uint64_t next_file_no_ = 1;
   std::unordered_map<Hash128, Entry, Hash128Hasher> index_;

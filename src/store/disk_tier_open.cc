@@ -242,6 +242,10 @@ Status DiskTierImpl::ScanFile(uint64_t file_no, uint64_t start) {
       off = next;
       continue;
     }
+    if (h.kind == RecordKind::kPadding) {  // filler before a block boundary: nothing to index
+      off += h.record_len;
+      continue;
+    }
     rec.resize(h.record_len);
     size_t n = 0;
     KVAGENT_RETURN_IF_ERROR(f.Read(off, rec, &n));

@@ -104,7 +104,8 @@ Status DecodeHeader(std::span<const std::byte> in, RecordHeader* h) {
     return DataLossError("unsupported record format version " + std::to_string(version));
   if (Load<uint16_t>(p, 6) != kHeaderSize) return DataLossError("bad record header size");
   uint8_t kind = Load<uint8_t>(p, 8), codec = Load<uint8_t>(p, 9), dtype = Load<uint8_t>(p, 10);
-  if (kind != static_cast<uint8_t>(RecordKind::kSegment) && kind != static_cast<uint8_t>(RecordKind::kTombstone))
+  if (kind != static_cast<uint8_t>(RecordKind::kSegment) && kind != static_cast<uint8_t>(RecordKind::kTombstone) &&
+      !(kind == static_cast<uint8_t>(RecordKind::kPadding) && version >= 2))
     return DataLossError("bad record kind " + std::to_string(kind));
   if (!ValidCodec(codec)) return DataLossError("bad record codec " + std::to_string(codec));
   if (!ValidDType(dtype)) return DataLossError("bad record dtype " + std::to_string(dtype));
@@ -124,6 +125,12 @@ Status DecodeHeader(std::span<const std::byte> in, RecordHeader* h) {
   h->record_len = Load<uint64_t>(p, 80);
   h->meta_checksum = Load<uint64_t>(p, 88);
   h->payload_checksum = Load<uint64_t>(p, 96);
+  if (h->kind == RecordKind::kPadding) {
+    if (h->meta_len != 0 || h->payload_len != 0 || h->payload_offset != kHeaderSize || h->record_len < kHeaderSize ||
+        h->record_len > kMaxPaddingRecord || h->record_len % kAlign != 0)
+      return DataLossError("bad padding record lengths");
+    return Status::Ok();
+  }
   if (h->kind == RecordKind::kTombstone) {
     if (h->meta_len != 0 || h->payload_len != 0 || h->payload_offset != kHeaderSize || h->record_len != kHeaderSize)
       return DataLossError("bad tombstone lengths");
@@ -212,19 +219,34 @@ uint32_t PadPayloadToBlock(EncodedRecord* rec, uint64_t record_start, uint32_t b
   return pad;
 }
 
-EncodedRecord BuildTombstone(const Hash128& key) {
+namespace {
+
+// A record with no metadata and no payload: a header of `kind` naming `key`, then zeros to `len`.
+EncodedRecord BuildBareRecord(RecordKind kind, const Hash128& key, uint64_t len) {
   EncodedRecord rec;
   RecordHeader& h = rec.header;
-  h.kind = RecordKind::kTombstone;
+  h.kind = kind;
   h.key = key;
   h.layout = SegmentLayout{0, 0, 0, 0, DType::kF32};
   h.payload_offset = kHeaderSize;
-  h.record_len = kHeaderSize;
+  h.record_len = len;
   h.meta_checksum = Checksum64({});
   h.payload_checksum = Checksum64({});
-  rec.prefix.assign(kHeaderSize, '\0');
+  rec.prefix.assign(len, '\0');
   EncodeHeader(h, reinterpret_cast<std::byte*>(rec.prefix.data()));
   return rec;
+}
+
+}  // namespace
+
+EncodedRecord BuildPadding(uint64_t len) { return BuildBareRecord(RecordKind::kPadding, Hash128{}, len); }
+
+EncodedRecord BuildTombstone(const Hash128& key) { return BuildBareRecord(RecordKind::kTombstone, key, kHeaderSize); }
+
+uint64_t PaddingTo(uint64_t at, uint64_t block) {
+  const uint64_t gap = (block - at % block) % block;
+  if (gap == 0) return 0;
+  return gap < kHeaderSize ? gap + block : gap;
 }
 
 std::string EncodeInfo(const SegmentInfo& info) {

@@ -31,7 +31,10 @@ inline constexpr size_t kAlign = 64;
 inline constexpr uint32_t kMaxMetaBytes = 1u << 30;
 inline constexpr uint64_t kMaxPayloadBytes = uint64_t{1} << 40;
 
-enum class RecordKind : uint8_t { kSegment = 1, kTombstone = 2 };
+// kPadding (version 2): filler that ends a batch of records on a file block boundary so the
+// batch can be written with direct I/O; it names no key and readers skip it.
+enum class RecordKind : uint8_t { kSegment = 1, kTombstone = 2, kPadding = 3 };
+inline constexpr uint64_t kMaxPaddingRecord = 8192;
 
 struct RecordHeader {
   RecordKind kind = RecordKind::kSegment;
@@ -71,6 +74,13 @@ struct EncodedRecord {
 };
 EncodedRecord BuildSegmentRecord(const Segment& s, CodecKind codec, std::span<const std::byte> encoded_payload);
 EncodedRecord BuildTombstone(const Hash128& key);
+// A padding record of `len` bytes (a multiple of kAlign, kHeaderSize..kMaxPaddingRecord), all of
+// it in `prefix` (header then zeros).
+EncodedRecord BuildPadding(uint64_t len);
+// The padding record length that moves file offset `at` (a multiple of kAlign) to the next
+// multiple of `block` (a power of two, at most 4096): 0 if `at` is on a boundary, else the gap,
+// plus one block when the gap is too short for a header.
+uint64_t PaddingTo(uint64_t at, uint64_t block);
 // Pads `rec` (a segment record built by BuildSegmentRecord, padded before or not) so that its
 // payload starts at a multiple of `block` (a power of two, at most 4096) in the file when the
 // record starts at file offset `record_start` (a multiple of kAlign): sets payload_offset and
