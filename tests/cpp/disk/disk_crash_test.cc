@@ -33,11 +33,13 @@ Segment SegmentFor(uint64_t key) { return MakeSegment(key, key * 7 + 1, LayoutFo
 
 // Odd rounds run without fdatasync: a process kill keeps the page cache, so acknowledged
 // records must survive it too, and the faster loop makes kills land inside appends.
-DiskTierOptions CrashOptions(const std::string& dir, bool sync = true) {
+DiskTierOptions CrashOptions(const std::string& dir, bool sync = true, bool batches = false) {
   DiskTierOptions o;
   o.dir = dir;
   o.sync = sync;
-  o.max_file_bytes = 512 << 10;  // many files, so rollover and compaction happen often
+  // Many files, so rollover and compaction happen often; batch rounds need room for a 1 MiB+
+  // batch in one file, or the disk tier never coalesces (direct I/O with padding records).
+  o.max_file_bytes = batches ? (4 << 20) : (512 << 10);
   o.compact_dead_ratio = 0.5;
   o.compact_min_dead_bytes = 256 << 10;
   return o;
@@ -46,8 +48,11 @@ DiskTierOptions CrashOptions(const std::string& dir, bool sync = true) {
 // Child: never returns. Acks are int64: +key after Put returned OK, -key after Delete did;
 // key | kDeleteIntent just before a Delete (that key may then be present or not).
 constexpr uint64_t kDeleteIntent = uint64_t{1} << 50;
-[[noreturn]] void ChildLoop(const std::string& dir, uint64_t first_key, int fd, uint64_t seed, bool sync) {
-  auto t = DiskTier::Open(CrashOptions(dir, sync));
+// batches: Puts go in PutBatch calls of kBatch segments (acknowledged together after it returns).
+constexpr uint64_t kBatch = 24;
+[[noreturn]] void ChildLoop(const std::string& dir, uint64_t first_key, int fd, uint64_t seed, bool sync,
+                            bool batches) {
+  auto t = DiskTier::Open(CrashOptions(dir, sync, batches));
   if (!t.ok()) _exit(3);
   std::mt19937_64 rng(seed);
   std::vector<uint64_t> mine;
@@ -62,10 +67,25 @@ constexpr uint64_t kDeleteIntent = uint64_t{1} << 50;
       int64_t ack = -static_cast<int64_t>(victim);
       if (write(fd, &ack, sizeof(ack)) != sizeof(ack)) _exit(5);
     }
-    if (!(*t)->Put(SegmentFor(key)).ok()) _exit(6);
-    int64_t ack = static_cast<int64_t>(key);
-    if (write(fd, &ack, sizeof(ack)) != sizeof(ack)) _exit(7);
-    mine.push_back(key);
+    if (batches) {
+      std::vector<Segment> segs;
+      std::vector<const Segment*> ptrs;
+      for (uint64_t k = key; k < key + kBatch; ++k) segs.push_back(SegmentFor(k));
+      for (const Segment& seg : segs) ptrs.push_back(&seg);
+      size_t written = 0;
+      if (!(*t)->PutBatch(ptrs, &written).ok() || written != ptrs.size()) _exit(6);
+      for (uint64_t k = key; k < key + kBatch; ++k) {
+        int64_t ack = static_cast<int64_t>(k);
+        if (write(fd, &ack, sizeof(ack)) != sizeof(ack)) _exit(7);
+        mine.push_back(k);
+      }
+      key += kBatch - 1;
+    } else {
+      if (!(*t)->Put(SegmentFor(key)).ok()) _exit(6);
+      int64_t ack = static_cast<int64_t>(key);
+      if (write(fd, &ack, sizeof(ack)) != sizeof(ack)) _exit(7);
+      mine.push_back(key);
+    }
     if (rng() % 30 == 0 && !(*t)->Compact(nullptr).ok()) _exit(8);
   }
 }
@@ -87,7 +107,8 @@ TEST(DiskCrashTest, SigkillAtRandomTimes) {
     ASSERT_GE(pid, 0);
     if (pid == 0) {
       close(fds[0]);
-      ChildLoop(dir, first, fds[1], rng(), round % 2 == 0);
+      // Rounds alternate sync / no sync; every third round writes in batches.
+      ChildLoop(dir, first, fds[1], rng(), round % 2 == 0, round % 3 == 2);
     }
     close(fds[1]);
     usleep(static_cast<useconds_t>(20000 + rng() % 180000));
@@ -110,7 +131,7 @@ TEST(DiskCrashTest, SigkillAtRandomTimes) {
       }
     }
     close(fds[0]);
-    next_key = max_key + 2;  // skips the one Put that may have been in flight
+    next_key = max_key + kBatch + 1;  // skips the Put or batch that may have been in flight
 
     auto t = DiskTier::Open(CrashOptions(dir));
     ASSERT_TRUE(t.ok()) << t.status().ToString();
