@@ -29,8 +29,10 @@ namespace kvagent {
 // uninitialised after Allocate.
 class Buffer {
  public:
-  // Allocator hook: the CUDA build installs one that returns pinned host memory. `free` must
-  // accept what `alloc` returned. Set once at start-up, before buffers exist.
+  // Allocator hook: the CUDA build installs one that returns pinned host memory (a Store with a
+  // device tier does so when it opens). `free` must accept what `alloc` returned. Thread-safe and
+  // allowed at any time: every buffer is freed by the allocator it came from. An Allocator without
+  // `alloc` restores the default (aligned_alloc).
   struct Allocator {
     std::function<void*(size_t)> alloc;
     std::function<void(void*)> free;
@@ -73,9 +75,7 @@ struct SegmentLayout {
   int num_tokens = 0;
   DType dtype = DType::kF32;
 
-  size_t NumElements() const {
-    return static_cast<size_t>(num_layers) * 2 * num_kv_heads * num_tokens * head_dim;
-  }
+  size_t NumElements() const { return static_cast<size_t>(num_layers) * 2 * num_kv_heads * num_tokens * head_dim; }
   size_t NumBytes() const { return NumElements() * DTypeSize(dtype); }
   // Element offset of (layer, kv: 0 = K / 1 = V, head, token, dim 0).
   size_t Offset(int layer, int kv, int head, int token) const {
@@ -93,29 +93,29 @@ struct SegmentLayout {
 };
 
 struct SegmentMeta {
-  std::string ns;        // namespace (tenant / application)
-  std::string agent;     // agent id within the namespace
-  std::string session;   // session id
-  int64_t turn = 0;      // turn index within the session
-  int32_t chunk = 0;     // chunk index when a turn is split at the maximum segment length
-  std::string role;      // "system", "user", "assistant", ...
-  std::string text;      // the turn's text (for display and plaintext baselines)
-  int64_t time_us = 0;   // wall-clock time of the turn, microseconds since the Unix epoch
+  std::string ns;       // namespace (tenant / application)
+  std::string agent;    // agent id within the namespace
+  std::string session;  // session id
+  int64_t turn = 0;     // turn index within the session
+  int32_t chunk = 0;    // chunk index when a turn is split at the maximum segment length
+  std::string role;     // "system", "user", "assistant", ...
+  std::string text;     // the turn's text (for display and plaintext baselines)
+  int64_t time_us = 0;  // wall-clock time of the turn, microseconds since the Unix epoch
 
   friend bool operator==(const SegmentMeta&, const SegmentMeta&) = default;
 };
 
 struct Segment {
-  Hash128 key;      // store key (PrefixKey or MemoryKey)
-  Hash128 model;    // ModelSpec::fingerprint of the weights that produced the KV
-  Hash128 parent;   // previous segment in a prefix chain (zero if none)
+  Hash128 key;     // store key (PrefixKey or MemoryKey)
+  Hash128 model;   // ModelSpec::fingerprint of the weights that produced the KV
+  Hash128 parent;  // previous segment in a prefix chain (zero if none)
   SegmentLayout layout;
-  bool pre_rope = true;              // keys stored without rotation
-  std::vector<int32_t> tokens;       // size layout.num_tokens
-  std::vector<int64_t> positions;    // original positions, size layout.num_tokens
+  bool pre_rope = true;            // keys stored without rotation
+  std::vector<int32_t> tokens;     // size layout.num_tokens
+  std::vector<int64_t> positions;  // original positions, size layout.num_tokens
   SegmentMeta meta;
-  std::shared_ptr<Buffer> payload;   // layout.NumBytes() bytes, canonical layout
-  std::string summary;               // compressed keys (kvagent/index), opaque to the store
+  std::shared_ptr<Buffer> payload;  // layout.NumBytes() bytes, canonical layout
+  std::string summary;              // compressed keys (kvagent/index), opaque to the store
 
   size_t PayloadBytes() const { return layout.NumBytes(); }
   // Content hash of the tokens under `model` (de-duplication).

@@ -40,18 +40,18 @@ struct TierStats {
   uint64_t misses = 0;
   uint64_t puts = 0;
   uint64_t evictions = 0;
-  uint64_t segments = 0;        // live segments in the tier
-  uint64_t bytes = 0;           // bytes held (payload after codec; disk: live record bytes)
-  uint64_t capacity_bytes = 0;  // 0 = unbounded
-  uint64_t file_bytes = 0;      // disk only: bytes in segment files, live + dead
-  uint64_t corrupt_records = 0; // disk only: records found corrupt and skipped
+  uint64_t segments = 0;         // live segments in the tier
+  uint64_t bytes = 0;            // bytes held (payload after codec; disk: live record bytes)
+  uint64_t capacity_bytes = 0;   // 0 = unbounded
+  uint64_t file_bytes = 0;       // disk only: bytes in segment files, live + dead
+  uint64_t corrupt_records = 0;  // disk only: records found corrupt and skipped
 };
 
 struct StoreStats {
   TierStats host;
   TierStats disk;
-  TierStats device;  // hits/misses of GetDevice, puts = host->device loads; bytes = device bytes held
-                     // (live entries and frees waiting for recorded stream work)
+  TierStats device;                // hits/misses of GetDevice, puts = host->device loads; bytes = device bytes held
+                                   // (live entries and frees waiting for recorded stream work)
   uint64_t promotions = 0;         // disk -> host on hit
   uint64_t write_queue_depth = 0;  // segments waiting for write-behind (beyond the one being written)
   uint64_t write_errors = 0;       // write-behind failures (the segment stays in host)
@@ -72,7 +72,7 @@ struct SegmentFilter {
 };
 
 struct StoreOptions {
-  std::string path;                        // directory; empty = host tier only
+  std::string path;  // directory; empty = host tier only
   uint64_t host_capacity_bytes = 1ull << 30;
   uint64_t disk_capacity_bytes = 0;        // 0 = unbounded
   uint64_t max_file_bytes = 256ull << 20;  // segment files roll over at this size
@@ -84,12 +84,14 @@ struct StoreOptions {
   // sync. Write errors and retries: docs/store.md.
   bool sync = true;
   CodecKind disk_codec = CodecKind::kRaw;
-  bool disk_direct_io = true;              // DiskTierOptions::direct_io
-  Env* env = nullptr;                      // nullptr = Env::Default()
+  bool disk_direct_io = true;  // DiskTierOptions::direct_io
+  Env* env = nullptr;          // nullptr = Env::Default()
   // Device tier (CUDA builds): device_capacity_bytes > 0 adds a tier of that many bytes of
   // cudaMalloc'd memory on CUDA device `device`. Open returns Unavailable when the build has no
-  // CUDA or no usable device, InvalidArgument for a device index out of range.
-  uint64_t device_capacity_bytes = 0;      // 0 = no device tier
+  // CUDA or no usable device, InvalidArgument for a device index out of range. Opening one also
+  // switches host buffers allocated from then on (process-wide) to pinned, device-mapped memory
+  // (cuda::InstallPinnedHostAllocator), so host tier -> device loads run at full PCIe speed.
+  uint64_t device_capacity_bytes = 0;  // 0 = no device tier
   int device = 0;
 };
 

@@ -20,21 +20,44 @@ void* AlignedAlloc(size_t size) {
   return std::aligned_alloc(align, rounded == 0 ? align : rounded);
 }
 
-Buffer::Allocator& HostAllocator() {
-  static Buffer::Allocator a{AlignedAlloc, [](void* p) { std::free(p); }, "aligned"};
-  return a;
+// The current allocator, swapped whole under a lock so Allocate may run on any thread while
+// SetHostAllocator installs another (each Buffer keeps the free function it was allocated with).
+std::shared_ptr<const Buffer::Allocator> DefaultAllocator() {
+  return std::make_shared<const Buffer::Allocator>(
+      Buffer::Allocator{AlignedAlloc, [](void* p) { std::free(p); }, "aligned"});
+}
+
+struct AllocatorSlot {
+  std::mutex mu;
+  std::shared_ptr<const Buffer::Allocator> current = DefaultAllocator();
+};
+
+AllocatorSlot& Slot() {
+  static AllocatorSlot slot;
+  return slot;
+}
+
+std::shared_ptr<const Buffer::Allocator> CurrentAllocator() {
+  AllocatorSlot& s = Slot();
+  std::lock_guard<std::mutex> l(s.mu);
+  return s.current;
 }
 
 }  // namespace
 
-void Buffer::SetHostAllocator(Allocator allocator) { HostAllocator() = std::move(allocator); }
-const char* Buffer::HostAllocatorName() { return HostAllocator().name; }
+void Buffer::SetHostAllocator(Allocator allocator) {
+  auto next = allocator.alloc ? std::make_shared<const Allocator>(std::move(allocator)) : DefaultAllocator();
+  AllocatorSlot& s = Slot();
+  std::lock_guard<std::mutex> l(s.mu);
+  s.current = std::move(next);
+}
+const char* Buffer::HostAllocatorName() { return CurrentAllocator()->name; }
 
 StatusOr<std::shared_ptr<Buffer>> Buffer::Allocate(size_t size) {
-  Allocator& a = HostAllocator();
-  void* p = a.alloc(size);
+  const std::shared_ptr<const Allocator> a = CurrentAllocator();
+  void* p = a->alloc(size);
   if (p == nullptr) return ResourceExhaustedError("cannot allocate " + std::to_string(size) + " bytes of host memory");
-  auto free_fn = a.free;
+  auto free_fn = a->free;
   return std::shared_ptr<Buffer>(new Buffer(static_cast<std::byte*>(p), size, [p, free_fn] { free_fn(p); }));
 }
 

@@ -182,6 +182,9 @@ StatusOr<std::unique_ptr<DeviceCache>> OpenDeviceCache(DeviceCacheOptions option
   if (options.capacity_bytes == 0) return InvalidArgumentError("device tier: capacity_bytes must be > 0");
   Status dev = cuda::CheckDevice();
   if (!dev.ok()) return UnavailableError("device tier unavailable: " + std::string(dev.message()));
+  // Host buffers allocated from now on are pinned (and device-mapped), so host -> device loads run
+  // at full PCIe speed; buffers that exist keep their allocator.
+  KVAGENT_RETURN_IF_ERROR(cuda::InstallPinnedHostAllocator());
   auto c = std::make_unique<CudaDeviceCache>(std::move(options));
   KVAGENT_RETURN_IF_ERROR(c->Init());
   return std::unique_ptr<DeviceCache>(std::move(c));

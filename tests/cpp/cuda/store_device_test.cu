@@ -81,6 +81,15 @@ class StoreDeviceTest : public ::testing::Test {
 TEST_F(StoreDeviceTest, MissLoadsHitReturnsResidentBytes) {
   auto store = Open(4 * kSegBytes);
   ASSERT_TRUE(store);
+  // A device tier makes host buffers pinned from then on (the host tier's copy of a Put too).
+  EXPECT_STREQ(Buffer::HostAllocatorName(), "cuda_pinned");
+  {
+    auto b = Buffer::Allocate(1 << 20);
+    ASSERT_TRUE(b.ok());
+    cudaPointerAttributes host_attr{};
+    CUDA_OK(cudaPointerGetAttributes(&host_attr, (*b)->data()));
+    EXPECT_EQ(host_attr.type, cudaMemoryTypeHost);
+  }
   ASSERT_TRUE(store->Put(Seg(1)).ok());
   auto d = store->GetDevice(Key(1), TestModel());
   ASSERT_TRUE(d.ok()) << d.status().ToString();

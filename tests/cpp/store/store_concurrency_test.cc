@@ -2,8 +2,10 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <map>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -107,6 +109,46 @@ void RunMixed(StoreBackend backend, bool write_behind, uint64_t host_capacity, i
 TEST(StoreConcurrencyTest, HostOnlyMixedOperations) { RunMixed(StoreBackend::kHostOnly, true, 48 << 10, 1500); }
 
 TEST(StoreConcurrencyTest, HostOnlyUnbounded) { RunMixed(StoreBackend::kHostOnly, true, 0, 1000); }
+
+// Buffer::SetHostAllocator may run while other threads allocate (a Store opening a device
+// tier installs the pinned allocator at any time): every buffer is freed by the allocator that
+// made it, and nothing races (this test runs under TSan).
+TEST(StoreConcurrencyTest, HostAllocatorSwapUnderLoad) {
+  static std::atomic<int64_t> live_a{0}, live_b{0};
+  auto counting = [](std::atomic<int64_t>* live, const char* name) {
+    Buffer::Allocator a;
+    a.alloc = [live](size_t n) {
+      ++*live;
+      return std::malloc(n == 0 ? 1 : n);
+    };
+    a.free = [live](void* p) {
+      --*live;
+      std::free(p);
+    };
+    a.name = name;
+    return a;
+  };
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      std::vector<std::shared_ptr<Buffer>> held;
+      while (!stop.load()) {
+        auto b = Buffer::Allocate(4096);
+        ASSERT_TRUE(b.ok());
+        held.push_back(std::move(b).value());
+        if (held.size() > 16) held.erase(held.begin());
+      }
+    });
+  }
+  for (int i = 0; i < 200; ++i) Buffer::SetHostAllocator(counting(i % 2 ? &live_a : &live_b, i % 2 ? "a" : "b"));
+  stop = true;
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(live_a.load(), 0);
+  EXPECT_EQ(live_b.load(), 0);
+  Buffer::SetHostAllocator({});  // the default again, for the other tests in this binary
+  EXPECT_STREQ(Buffer::HostAllocatorName(), "aligned");
+}
 
 TEST(StoreConcurrencyTest, WriteBehindMixedOperations) {
   for (StoreBackend b : testing::AllBackends())
