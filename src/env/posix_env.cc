@@ -1,4 +1,4 @@
-// POSIX Env: pread/pwrite-free append files, fdatasync, flock-based store locks.
+// POSIX Env: pread/pwrite files (large appends optionally with O_DIRECT), fdatasync, flock-based store locks.
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
@@ -52,91 +52,33 @@ class PosixRandomAccessFile final : public RandomAccessFile {
   int fd_;
 };
 
+// An appending file. With a second descriptor opened with O_DIRECT (`dfd`, see
+// Env::NewDirectWritableFile), an append of at least kDirectMin bytes that starts on a block
+// boundary in memory and in the file goes, whole blocks of it, straight from the caller's memory
+// to the device; everything else is written through the page cache. Both land before Append
+// returns, so readers see every appended byte and a killed process loses nothing written. Every
+// write is a pwrite at the file's end (size_), so the two descriptors never disagree about where
+// that is, and direct writes only cover blocks no buffered write has touched.
 class PosixWritableFile final : public WritableFile {
- public:
-  PosixWritableFile(std::string path, int fd, uint64_t size) : path_(std::move(path)), fd_(fd), size_(size) {}
-  ~PosixWritableFile() override {
-    if (fd_ >= 0) ::close(fd_);
-  }
-
-  Status Append(std::span<const std::byte> data) override {
-    if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
-    size_t done = 0;
-    while (done < data.size()) {
-      ssize_t w = ::write(fd_, data.data() + done, data.size() - done);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        size_ += done;
-        return ErrnoToStatus(errno, "write " + path_);
-      }
-      done += static_cast<size_t>(w);
-    }
-    size_ += done;
-    return Status::Ok();
-  }
-  Status Flush() override { return Status::Ok(); }  // unbuffered: write(2) directly
-  Status Sync() override {
-    if (fd_ < 0) return FailedPreconditionError("sync of closed file " + path_);
-    if (::fdatasync(fd_) != 0) return ErrnoToStatus(errno, "fdatasync " + path_);
-    return Status::Ok();
-  }
-  Status Close() override {
-    if (fd_ < 0) return Status::Ok();
-    int rc = ::close(fd_);
-    fd_ = -1;
-    if (rc != 0) return ErrnoToStatus(errno, "close " + path_);
-    return Status::Ok();
-  }
-  uint64_t Size() const override { return size_; }
-
- private:
-  std::string path_;
-  int fd_;
-  uint64_t size_;
-};
-
-// Appender with direct I/O for large appends: an append of at least kDirectMin bytes that
-// starts on a block boundary in memory and in the file goes, whole blocks of it, through a second
-// descriptor opened with O_DIRECT, straight from the caller's memory to the device; everything
-// else is an ordinary pwrite through the page cache. Both land before Append returns, so readers
-// see every appended byte and a killed process loses nothing written. Direct writes only cover
-// blocks no buffered write has touched (they start at the file's end), so the two paths never
-// overlap in the page cache.
-class PosixDirectWritableFile final : public WritableFile {
  public:
   static constexpr size_t kBlock = 4096;
   static constexpr size_t kDirectMin = size_t{1} << 20;
 
-  ~PosixDirectWritableFile() override { Close().IgnoreError(); }
-
-  static StatusOr<std::unique_ptr<WritableFile>> Open(const std::string& path, bool truncate) {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (truncate ? O_TRUNC : 0), 0644);
-    if (fd < 0) return ErrnoToStatus(errno, (truncate ? "create " : "open for append ") + path);
-    struct stat st;
-    if (::fstat(fd, &st) != 0) {
-      int err = errno;
-      ::close(fd);
-      return ErrnoToStatus(err, "fstat " + path);
-    }
-    int dfd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_DIRECT);
-    if (dfd < 0) {
-      int err = errno;
-      ::close(fd);
-      return ErrnoToStatus(err, "open (O_DIRECT) " + path);
-    }
-    return std::unique_ptr<WritableFile>(new PosixDirectWritableFile(path, fd, dfd, static_cast<uint64_t>(st.st_size)));
-  }
+  PosixWritableFile(std::string path, int fd, uint64_t size, int dfd = -1)
+      : path_(std::move(path)), fd_(fd), dfd_(dfd), size_(size) {}
+  ~PosixWritableFile() override { Close().IgnoreError(); }
 
   Status Append(std::span<const std::byte> data) override {
     if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
-    if (data.size() >= kDirectMin && size_ % kBlock == 0 && reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0) {
+    if (dfd_ >= 0 && data.size() >= kDirectMin && size_ % kBlock == 0 &&
+        reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0) {
       const size_t n = data.size() / kBlock * kBlock;
-      KVAGENT_RETURN_IF_ERROR(WriteAt(dfd_, data.first(n), "write (O_DIRECT) "));
+      KVAGENT_RETURN_IF_ERROR(WriteAtEnd(dfd_, data.first(n), "write (O_DIRECT) "));
       data = data.subspan(n);
     }
-    return WriteAt(fd_, data, "write ");
+    return WriteAtEnd(fd_, data, "write ");
   }
-  Status Flush() override { return Status::Ok(); }  // nothing is held in the process
+  Status Flush() override { return Status::Ok(); }  // unbuffered: nothing is held in the process
   Status Sync() override {
     if (fd_ < 0) return FailedPreconditionError("sync of closed file " + path_);
     if (::fdatasync(fd_) != 0) return ErrnoToStatus(errno, "fdatasync " + path_);
@@ -146,21 +88,26 @@ class PosixDirectWritableFile final : public WritableFile {
     if (fd_ < 0) return Status::Ok();
     int rc = ::close(fd_);
     int err = errno;
-    ::close(dfd_);
+    if (dfd_ >= 0) ::close(dfd_);
     fd_ = dfd_ = -1;
     if (rc != 0) return ErrnoToStatus(err, "close " + path_);
     return Status::Ok();
   }
   uint64_t Size() const override { return size_; }
-  size_t DirectIoAlignment() const override { return kBlock; }
+  size_t DirectIoAlignment() const override { return dfd_ >= 0 ? kBlock : 0; }
+
+  // Adds the O_DIRECT descriptor. EINVAL (InvalidArgument) where the file system refuses O_DIRECT.
+  Status EnableDirectIo() {
+    int dfd = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC | O_DIRECT);
+    if (dfd < 0) return ErrnoToStatus(errno, "open (O_DIRECT) " + path_);
+    dfd_ = dfd;
+    return Status::Ok();
+  }
 
  private:
-  PosixDirectWritableFile(std::string path, int fd, int dfd, uint64_t size)
-      : path_(std::move(path)), fd_(fd), dfd_(dfd), size_(size) {}
-
-  // pwrite of all of `data` at the end of the file (size_ advances by what was written, also
-  // on an error, like PosixWritableFile).
-  Status WriteAt(int fd, std::span<const std::byte> data, const char* what) {
+  // All of `data` at the end of the file; a short write is continued, an error returned (size_
+  // advances by what was written either way).
+  Status WriteAtEnd(int fd, std::span<const std::byte> data, const char* what) {
     size_t done = 0;
     while (done < data.size()) {
       ssize_t w = ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(size_ + done));
@@ -177,7 +124,7 @@ class PosixDirectWritableFile final : public WritableFile {
 
   std::string path_;
   int fd_;   // buffered
-  int dfd_;  // O_DIRECT
+  int dfd_;  // O_DIRECT, or -1
   uint64_t size_;
 };
 
@@ -195,6 +142,19 @@ class PosixFileLock final : public FileLock {
 
 class PosixEnv final : public Env {
  public:
+  // Creates/truncates `path`, or opens it for appending with Size() at its current end.
+  static StatusOr<std::unique_ptr<PosixWritableFile>> OpenWritable(const std::string& path, bool truncate) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (truncate ? O_TRUNC : O_APPEND), 0644);
+    if (fd < 0) return ErrnoToStatus(errno, (truncate ? "create " : "open for append ") + path);
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+      int err = errno;
+      ::close(fd);
+      return ErrnoToStatus(err, "fstat " + path);
+    }
+    return std::make_unique<PosixWritableFile>(path, fd, static_cast<uint64_t>(st.st_size));
+  }
+
   StatusOr<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(const std::string& path) override {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return ErrnoToStatus(errno, "open " + path);
@@ -202,29 +162,21 @@ class PosixEnv final : public Env {
   }
 
   StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) return ErrnoToStatus(errno, "create " + path);
-    return std::unique_ptr<WritableFile>(new PosixWritableFile(path, fd, 0));
+    KVAGENT_ASSIGN_OR_RETURN(auto f, OpenWritable(path, /*truncate=*/true));
+    return std::unique_ptr<WritableFile>(std::move(f));
   }
 
   StatusOr<std::unique_ptr<WritableFile>> NewAppendableFile(const std::string& path) override {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (fd < 0) return ErrnoToStatus(errno, "open for append " + path);
-    struct stat st;
-    if (::fstat(fd, &st) != 0) {
-      int err = errno;
-      ::close(fd);
-      return ErrnoToStatus(err, "fstat " + path);
-    }
-    return std::unique_ptr<WritableFile>(new PosixWritableFile(path, fd, static_cast<uint64_t>(st.st_size)));
+    KVAGENT_ASSIGN_OR_RETURN(auto f, OpenWritable(path, /*truncate=*/false));
+    return std::unique_ptr<WritableFile>(std::move(f));
   }
 
   StatusOr<std::unique_ptr<WritableFile>> NewDirectWritableFile(const std::string& path, bool truncate) override {
-    auto f = PosixDirectWritableFile::Open(path, truncate);
+    KVAGENT_ASSIGN_OR_RETURN(auto f, OpenWritable(path, truncate));
+    Status direct = f->EnableDirectIo();
     // File systems without O_DIRECT (tmpfs, some FUSE) refuse it with EINVAL: buffered instead.
-    if (!f.ok() && f.status().code() == StatusCode::kInvalidArgument)
-      return truncate ? NewWritableFile(path) : NewAppendableFile(path);
-    return f;
+    if (!direct.ok() && direct.code() != StatusCode::kInvalidArgument) return direct;
+    return std::unique_ptr<WritableFile>(std::move(f));
   }
 
   bool FileExists(const std::string& path) override { return ::access(path.c_str(), F_OK) == 0; }
