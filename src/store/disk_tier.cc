@@ -352,14 +352,9 @@ Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* 
     uint64_t bytes = 0;
     for (size_t k = i; k < j; ++k) {
       Prepared& p = prep[k];
-      RecordLocation loc;
-      loc.file_no = no;
-      loc.offset = offsets[k - i];
-      loc.record_len = p.rec.header.record_len;
-      loc.payload_offset = p.rec.header.payload_offset;
-      loc.payload_len = p.rec.header.payload_len;
-      loc.payload_checksum = p.rec.header.payload_checksum;
-      loc.codec = codec;
+      const RecordHeader& h = p.rec.header;
+      const RecordLocation loc{no,   offsets[k - i], h.record_len, h.payload_offset, h.payload_len, h.payload_checksum,
+                               codec};
       p.info.stored_bytes = loc.record_len;
       InsertLocked(p.segment->key, loc, p.info);
       ++puts_;
