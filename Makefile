@@ -19,7 +19,7 @@ TSAN_TESTS := store_concurrency_test index_concurrency_test disk_thread_test
 space := $(subst ,, )
 
 APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \
-	libsqlite3-dev libhiredis-dev redis-server
+	liburing-dev libsqlite3-dev libhiredis-dev redis-server
 
 .PHONY: pydev all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
 	demo gpu-test lint format clean bench

@@ -64,8 +64,10 @@ struct DiskTierOptions {
   CodecKind codec = CodecKind::kRaw;       // encoding of payloads written from now on
   // Write payloads of 4 MiB and more with direct I/O (O_DIRECT) where the file system allows it:
   // padded to start on a 4 KiB block in the file (record format version 2), they go from the
-  // segment's memory to the device without the page cache's copy; smaller records and all
-  // headers are written through the page cache. Env::NewDirectWritableFile.
+  // segment's memory to the device without the page cache's copy; batches of small records
+  // (1 MiB and more together) are copied into one block-aligned buffer and written the same
+  // way; other records and headers go through the page cache. Env::NewDirectWritableFile. The
+  // direct writes are asynchronous (io_uring, several in flight; see SubmitBatch).
   bool direct_io = true;
   double compact_dead_ratio = 0.5;               // auto-compact when dead/total file bytes exceeds this
   uint64_t compact_min_dead_bytes = 1ull << 20;  // ...and at least this many bytes are dead
@@ -99,8 +101,8 @@ class DiskTier {
   // errors as returned by the Env. On any error the tier is unchanged. May evict (see above)
   // and may run an automatic compaction before returning.
   virtual Status Put(const Segment& segment) = 0;
-  // Put for several segments at once, in order, under one lock hold with one catalog change per
-  // segment file they land in. Sets *written to
+  // Put for several segments at once, in order (SubmitBatch then FinishBatch), with one catalog
+  // change per segment file they land in. Sets *written to
   // the number of leading segments stored. On an error the segments from *written on are not
   // stored (the tier holds exactly the first *written); a segment that fails Validate stops the
   // batch before anything is written. The default stores them one Put at a time.
@@ -112,6 +114,23 @@ class DiskTier {
     }
     return Status::Ok();
   }
+
+  // PutBatch in two steps, for a writer that keeps the device busy (the store's write-behind
+  // thread submits its next batch before it finishes the previous one): SubmitBatch encodes the
+  // segments and starts writing their records; FinishBatch waits until they are written (synced
+  // with options.sync) and makes them visible (index, catalog, eviction), returning what
+  // PutBatch would have. Until then Get/Info/Contains/List do not see them. Tickets finish in
+  // submission order: finishing one (or Delete, Sync, Compact, destroying the tier) finishes
+  // every earlier one, and a failed write also fails the tickets submitted after it. The
+  // segments and their payload memory must stay alive and unchanged until the ticket is finished;
+  // a ticket destroyed unfinished is finished by its destructor. The tier must outlive its
+  // tickets. The default writes everything in SubmitBatch.
+  class WriteTicket {
+   public:
+    virtual ~WriteTicket() = default;
+  };
+  virtual std::unique_ptr<WriteTicket> SubmitBatch(std::span<const Segment* const> segments);
+  virtual Status FinishBatch(std::unique_ptr<WriteTicket> ticket, size_t* written);
   // Reads and verifies the record; FailedPrecondition if it was produced by another model.
   virtual StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) = 0;
   // Reads the decoded payload straight into `dst` (dst.size() == payload bytes, else

@@ -49,6 +49,25 @@ class WritableFile {
   // Direct I/O (see Env::NewDirectWritableFile): the alignment in bytes (of memory and file
   // offset) that lets a large Append bypass the page cache; 0 for a buffered file.
   virtual size_t DirectIoAlignment() const { return 0; }
+
+  // Asynchronous append, so a writer can prepare its next data while the device writes: queues
+  // `data` at the file's end and returns an id at once (Size() counts the bytes at once). The
+  // memory must stay valid and unchanged until WaitAsync(id) returns. Direct-I/O files with
+  // asynchronous I/O (POSIX: io_uring) keep several such writes in flight when `data`'s address,
+  // size and file offset are multiples of DirectIoAlignment(); other data, and files without
+  // asynchronous I/O (the default), are written before AppendAsync returns (id 0). Readers see
+  // the bytes after WaitAsync. A failed write is reported by WaitAsync and makes every later
+  // Append/AppendAsync fail: the caller cuts the file back (Env::TruncateFile) and reopens it.
+  virtual StatusOr<uint64_t> AppendAsync(std::span<const std::byte> data) {
+    KVAGENT_RETURN_IF_ERROR(Append(data));
+    return uint64_t{0};
+  }
+  // Waits until append `id` and every asynchronous append queued before it have been written
+  // (not synced); returns the first error among them. Sync and Close wait for every one.
+  virtual Status WaitAsync(uint64_t id) {
+    (void)id;
+    return Status::Ok();
+  }
 };
 
 // An exclusive advisory lock on a file (one process opens a store at a time).

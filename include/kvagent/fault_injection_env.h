@@ -12,6 +12,12 @@
 //    Append crossing the budget appends what fits and returns ResourceExhausted (ENOSPC).
 //    ClearDiskBudget() lifts it. FreeSpace reports min(base free space, remaining budget).
 //
+// Asynchronous appends: SimulateAsyncDirectIo(true) makes files created from then on report a
+// DirectIoAlignment() of 4096 and defer each AppendAsync until WaitAsync/Sync/Close, where it is
+// appended (and the armed faults above fire), like a write that fails on the device after it
+// was queued. A failed deferred append drops the ones queued after it and fails every later
+// append, as the POSIX file does.
+//
 // Crash simulation: the env remembers, per file written through it, the length made durable
 // by the last successful Sync (files opened for append start durable at their size), and which
 // newly created files have not yet had their directory synced. DropUnsyncedData() reverts every
@@ -43,6 +49,7 @@ class FaultInjectionEnv final : public Env {
   void ShortNextWrite(uint64_t bytes);
   void FailNextSyncs(int n);
   void SetDiskBudget(uint64_t bytes);
+  void SimulateAsyncDirectIo(bool on);
   void ClearDiskBudget();
   // Clears every armed fault and the budget.
   void ClearFaults();
@@ -84,6 +91,7 @@ class FaultInjectionEnv final : public Env {
   // Decides the fate of an append of `size` bytes: how many bytes go through and which fault.
   WriteFault TakeWriteFault(uint64_t size, uint64_t* allowed);
   bool TakeSyncFault();
+  bool AsyncDirect() const;
   void RecordSync(const std::string& path, uint64_t size);
 
   Env* base_;
@@ -93,6 +101,7 @@ class FaultInjectionEnv final : public Env {
   bool short_write_ = false;
   uint64_t short_write_bytes_ = 0;
   int fail_syncs_ = 0;
+  bool async_direct_ = false;
   bool budget_on_ = false;
   uint64_t budget_ = 0;
   uint64_t write_errors_ = 0;

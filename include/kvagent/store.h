@@ -53,7 +53,7 @@ struct StoreStats {
   TierStats device;                // hits/misses of GetDevice, puts = host->device loads; bytes = device bytes held
                                    // (live entries and frees waiting for recorded stream work)
   uint64_t promotions = 0;         // disk -> host on hit
-  uint64_t write_queue_depth = 0;  // segments waiting for write-behind (beyond the one being written)
+  uint64_t write_queue_depth = 0;  // segments queued for write-behind (not yet taken by the writer) or failed
   uint64_t write_errors = 0;       // write-behind failures (the segment stays in host)
   bool has_disk = false;
   bool has_device = false;
@@ -77,7 +77,7 @@ struct StoreOptions {
   uint64_t disk_capacity_bytes = 0;        // 0 = unbounded
   uint64_t max_file_bytes = 256ull << 20;  // segment files roll over at this size
   bool write_behind = true;                // false: Put writes through to disk before returning
-  size_t write_queue_limit = 64;           // segments queued for write-behind before Put blocks
+  size_t write_queue_limit = 64;           // queued (not yet taken) write-behind segments before Put blocks
   // Durability. write_behind=false: Put returns after the record is written (and fdatasync'ed
   // when sync). write_behind=true: an acknowledged Put is readable at once but durable only after
   // Flush() or Close() returns OK; the writer syncs once per drained batch (group commit) when

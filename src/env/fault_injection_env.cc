@@ -1,6 +1,7 @@
 #include "kvagent/fault_injection_env.h"
 
 #include <algorithm>
+#include <deque>
 
 namespace kvagent {
 
@@ -17,10 +18,58 @@ std::string DirOf(const std::string& path) {
 
 class FaultWritableFile final : public WritableFile {
  public:
-  FaultWritableFile(FaultInjectionEnv* env, std::string path, std::unique_ptr<WritableFile> base)
-      : env_(env), path_(std::move(path)), base_(std::move(base)) {}
+  FaultWritableFile(FaultInjectionEnv* env, std::string path, std::unique_ptr<WritableFile> base, bool async)
+      : env_(env), path_(std::move(path)), base_(std::move(base)), async_(async) {}
 
   Status Append(std::span<const std::byte> data) override {
+    KVAGENT_RETURN_IF_ERROR(async_error_);
+    KVAGENT_RETURN_IF_ERROR(WaitAsync(last_id_));  // in order: the deferred ones first
+    return AppendNow(data);
+  }
+  StatusOr<uint64_t> AppendAsync(std::span<const std::byte> data) override {
+    if (!async_) return WritableFile::AppendAsync(data);
+    KVAGENT_RETURN_IF_ERROR(async_error_);
+    deferred_.push_back(Deferred{++last_id_, data});
+    deferred_bytes_ += data.size();
+    return last_id_;
+  }
+  Status WaitAsync(uint64_t id) override {
+    while (!deferred_.empty() && deferred_.front().id <= id && async_error_.ok()) {
+      const Deferred d = deferred_.front();
+      deferred_.pop_front();
+      deferred_bytes_ -= d.data.size();
+      Status s = AppendNow(d.data);
+      if (!s.ok()) {
+        async_error_ = s;
+        deferred_.clear();  // queued behind the failed write: never written
+        deferred_bytes_ = 0;
+      }
+    }
+    return async_error_;
+  }
+  Status Flush() override { return base_->Flush(); }
+  Status Sync() override {
+    KVAGENT_RETURN_IF_ERROR(WaitAsync(last_id_));
+    if (env_->TakeSyncFault()) return InternalError("fdatasync " + path_ + ": injected sync error");
+    KVAGENT_RETURN_IF_ERROR(base_->Sync());
+    env_->RecordSync(path_, base_->Size());
+    return Status::Ok();
+  }
+  Status Close() override {
+    Status waited = WaitAsync(last_id_);
+    Status s = base_->Close();
+    return waited.ok() ? s : waited;
+  }
+  uint64_t Size() const override { return base_->Size() + deferred_bytes_; }
+  size_t DirectIoAlignment() const override { return async_ ? 4096 : base_->DirectIoAlignment(); }
+
+ private:
+  struct Deferred {
+    uint64_t id;
+    std::span<const std::byte> data;
+  };
+
+  Status AppendNow(std::span<const std::byte> data) {
     uint64_t allowed = data.size();
     auto fault = env_->TakeWriteFault(data.size(), &allowed);
     if (allowed > 0) KVAGENT_RETURN_IF_ERROR(base_->Append(data.first(allowed)));
@@ -37,20 +86,15 @@ class FaultWritableFile final : public WritableFile {
     }
     return Status::Ok();
   }
-  Status Flush() override { return base_->Flush(); }
-  Status Sync() override {
-    if (env_->TakeSyncFault()) return InternalError("fdatasync " + path_ + ": injected sync error");
-    KVAGENT_RETURN_IF_ERROR(base_->Sync());
-    env_->RecordSync(path_, base_->Size());
-    return Status::Ok();
-  }
-  Status Close() override { return base_->Close(); }
-  uint64_t Size() const override { return base_->Size(); }
 
- private:
   FaultInjectionEnv* env_;
   std::string path_;
   std::unique_ptr<WritableFile> base_;
+  bool async_;
+  std::deque<Deferred> deferred_;
+  uint64_t deferred_bytes_ = 0;
+  uint64_t last_id_ = 0;
+  Status async_error_;
 };
 
 FaultInjectionEnv::FaultInjectionEnv(Env* base) : base_(base) {}
@@ -73,6 +117,14 @@ void FaultInjectionEnv::SetDiskBudget(uint64_t bytes) {
   std::lock_guard<std::mutex> l(mu_);
   budget_on_ = true;
   budget_ = bytes;
+}
+void FaultInjectionEnv::SimulateAsyncDirectIo(bool on) {
+  std::lock_guard<std::mutex> l(mu_);
+  async_direct_ = on;
+}
+bool FaultInjectionEnv::AsyncDirect() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return async_direct_;
 }
 void FaultInjectionEnv::ClearDiskBudget() {
   std::lock_guard<std::mutex> l(mu_);
@@ -180,7 +232,7 @@ StatusOr<std::unique_ptr<WritableFile>> FaultInjectionEnv::NewWritableFile(const
     st.synced = 0;
     if (!existed) st.dir_synced = false;
   }
-  return std::unique_ptr<WritableFile>(new FaultWritableFile(this, path, std::move(file)));
+  return std::unique_ptr<WritableFile>(new FaultWritableFile(this, path, std::move(file), AsyncDirect()));
 }
 
 StatusOr<std::unique_ptr<WritableFile>> FaultInjectionEnv::NewAppendableFile(const std::string& path) {
@@ -196,7 +248,7 @@ StatusOr<std::unique_ptr<WritableFile>> FaultInjectionEnv::NewAppendableFile(con
       files_.emplace(path, st);
     }
   }
-  return std::unique_ptr<WritableFile>(new FaultWritableFile(this, path, std::move(file)));
+  return std::unique_ptr<WritableFile>(new FaultWritableFile(this, path, std::move(file), AsyncDirect()));
 }
 
 bool FaultInjectionEnv::FileExists(const std::string& path) { return base_->FileExists(path); }

@@ -1,4 +1,5 @@
-// POSIX Env: pread/pwrite files (large appends optionally with O_DIRECT), fdatasync, flock-based store locks.
+// POSIX Env: pread/pwrite files (large appends optionally with O_DIRECT, asynchronous ones through
+// io_uring where liburing was found at build time), fdatasync, flock-based store locks.
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
@@ -12,9 +13,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <map>
 #include <thread>
+#include <vector>
 
 #include "kvagent/env.h"
+
+#ifdef KVAGENT_HAVE_URING
+#include <liburing.h>
+#endif
 
 namespace kvagent {
 
@@ -52,13 +59,141 @@ class PosixRandomAccessFile final : public RandomAccessFile {
   int fd_;
 };
 
+#ifdef KVAGENT_HAVE_URING
+// Writes queued on one O_DIRECT descriptor through an io_uring, in pieces of kPiece bytes with up
+// to kDepth pieces in flight, so the device always has work queued while the caller prepares
+// more. Appends are numbered by the caller (increasing ids); WaitFor(id) reaps completions until
+// every piece of every id <= id is done. A short completion is finished with pwrite; the first
+// error is kept and returned from then on. Not thread-safe (the owning file's caller serialises).
+class AsyncWriter {
+ public:
+  static constexpr size_t kPiece = size_t{1} << 20;
+  static constexpr unsigned kDepth = 32;
+
+  // nullptr when the kernel refuses io_uring (old kernel, seccomp, io_uring_disabled).
+  static std::unique_ptr<AsyncWriter> Create(int fd, const std::string& path) {
+    auto w = std::unique_ptr<AsyncWriter>(new AsyncWriter(fd, path));
+    if (io_uring_queue_init(kDepth, &w->ring_, 0) != 0) return nullptr;
+    w->ring_ok_ = true;
+    return w;
+  }
+  ~AsyncWriter() {
+    WaitFor(UINT64_MAX).IgnoreError();
+    if (ring_ok_) io_uring_queue_exit(&ring_);
+  }
+
+  // Queues `n` bytes at `p` for file offset `offset` as append `id`.
+  Status Submit(uint64_t id, const std::byte* p, size_t n, uint64_t offset) {
+    for (size_t done = 0; done < n;) {
+      if (in_flight_ == kDepth) {  // hand the queued pieces over, then wait for one to finish
+        KVAGENT_RETURN_IF_ERROR(SubmitQueued());
+        KVAGENT_RETURN_IF_ERROR(ReapOne());
+      }
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+      if (sqe == nullptr) {  // the submission queue is full of queued pieces: hand them over
+        KVAGENT_RETURN_IF_ERROR(SubmitQueued());
+        continue;
+      }
+      const size_t len = std::min(kPiece, n - done);
+      size_t slot = AllocSlot(Piece{id, p + done, len, offset + done});
+      io_uring_prep_write(sqe, fd_, p + done, static_cast<unsigned>(len), offset + done);
+      io_uring_sqe_set_data64(sqe, slot);
+      ++in_flight_;
+      ++remaining_[id];
+      done += len;
+    }
+    return SubmitQueued();
+  }
+
+  Status WaitFor(uint64_t id) {
+    while (!remaining_.empty() && remaining_.begin()->first <= id) KVAGENT_RETURN_IF_ERROR(ReapOne());
+    return error_;
+  }
+
+ private:
+  struct Piece {
+    uint64_t id;
+    const std::byte* p;
+    size_t n;
+    uint64_t offset;
+  };
+  AsyncWriter(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+
+  size_t AllocSlot(const Piece& piece) {
+    if (free_.empty()) {
+      slots_.push_back(piece);
+      return slots_.size() - 1;
+    }
+    size_t s = free_.back();
+    free_.pop_back();
+    slots_[s] = piece;
+    return s;
+  }
+  Status SubmitQueued() {
+    int rc = io_uring_submit(&ring_);
+    if (rc < 0) return Fail(ErrnoToStatus(-rc, "io_uring_submit " + path_));
+    return Status::Ok();
+  }
+  // Waits for one completion and accounts for it. Only a failure to wait is returned here;
+  // a failed write is recorded in error_.
+  Status ReapOne() {
+    io_uring_cqe* cqe = nullptr;
+    int rc;
+    do {
+      rc = io_uring_wait_cqe(&ring_, &cqe);
+    } while (rc == -EINTR);
+    if (rc < 0) return Fail(ErrnoToStatus(-rc, "io_uring_wait_cqe " + path_));
+    const size_t slot = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
+    const int res = cqe->res;
+    io_uring_cqe_seen(&ring_, cqe);
+    --in_flight_;
+    const Piece piece = slots_[slot];
+    free_.push_back(slot);
+    if (res < 0) {
+      Fail(ErrnoToStatus(-res, "write (O_DIRECT, io_uring) " + path_)).IgnoreError();
+    } else if (static_cast<size_t>(res) < piece.n) {
+      // Short: the rest synchronously (a full disk then reports ENOSPC).
+      for (size_t done = static_cast<size_t>(res); done < piece.n && error_.ok();) {
+        ssize_t w = ::pwrite(fd_, piece.p + done, piece.n - done, static_cast<off_t>(piece.offset + done));
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+          Fail(ErrnoToStatus(w < 0 ? errno : ENOSPC, "write (O_DIRECT) " + path_)).IgnoreError();
+          break;
+        }
+        done += static_cast<size_t>(w);
+      }
+    }
+    auto it = remaining_.find(piece.id);
+    if (it != remaining_.end() && --it->second == 0) remaining_.erase(it);
+    return Status::Ok();
+  }
+  Status Fail(Status s) {
+    if (error_.ok()) error_ = s;
+    return s;
+  }
+
+  int fd_;
+  std::string path_;
+  io_uring ring_{};
+  bool ring_ok_ = false;
+  unsigned in_flight_ = 0;
+  std::vector<Piece> slots_;
+  std::vector<size_t> free_;
+  std::map<uint64_t, unsigned> remaining_;  // id -> pieces still in flight
+  Status error_;
+};
+#endif  // KVAGENT_HAVE_URING
+
 // An appending file. With a second descriptor opened with O_DIRECT (`dfd`, see
 // Env::NewDirectWritableFile), an append of at least kDirectMin bytes that starts on a block
 // boundary in memory and in the file goes, whole blocks of it, straight from the caller's memory
 // to the device; everything else is written through the page cache. Both land before Append
 // returns, so readers see every appended byte and a killed process loses nothing written. Every
 // write is a pwrite at the file's end (size_), so the two descriptors never disagree about where
-// that is, and direct writes only cover blocks no buffered write has touched.
+// that is, and direct writes only cover blocks no buffered write has touched. AppendAsync of
+// block-aligned data queues it on the O_DIRECT descriptor through an AsyncWriter (created at the
+// first such append; without io_uring the data is written synchronously), so the bytes land
+// after Append returns only for those; Sync and Close wait for them.
 class PosixWritableFile final : public WritableFile {
  public:
   static constexpr size_t kBlock = 4096;
@@ -70,6 +205,7 @@ class PosixWritableFile final : public WritableFile {
 
   Status Append(std::span<const std::byte> data) override {
     if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
+    KVAGENT_RETURN_IF_ERROR(async_error_);
     if (dfd_ >= 0 && data.size() >= kDirectMin && size_ % kBlock == 0 &&
         reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0) {
       const size_t n = data.size() / kBlock * kBlock;
@@ -78,20 +214,59 @@ class PosixWritableFile final : public WritableFile {
     }
     return WriteAtEnd(fd_, data, "write ");
   }
+  StatusOr<uint64_t> AppendAsync(std::span<const std::byte> data) override {
+#ifdef KVAGENT_HAVE_URING
+    if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
+    KVAGENT_RETURN_IF_ERROR(async_error_);
+    if (dfd_ >= 0 && !data.empty() && data.size() % kBlock == 0 && size_ % kBlock == 0 &&
+        reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0) {
+      if (!async_tried_) {
+        async_tried_ = true;
+        async_ = AsyncWriter::Create(dfd_, path_);
+      }
+      if (async_) {
+        const uint64_t id = ++async_last_;
+        Status s = async_->Submit(id, data.data(), data.size(), size_);
+        size_ += data.size();
+        if (!s.ok()) async_error_ = s;
+        KVAGENT_RETURN_IF_ERROR(s);
+        return id;
+      }
+    }
+#endif
+    KVAGENT_RETURN_IF_ERROR(Append(data));
+    return uint64_t{0};
+  }
+  Status WaitAsync(uint64_t id) override {
+#ifdef KVAGENT_HAVE_URING
+    if (async_ && id != 0) {
+      Status s = async_->WaitFor(id);
+      if (!s.ok() && async_error_.ok()) async_error_ = s;
+      return s;
+    }
+#endif
+    (void)id;
+    return Status::Ok();
+  }
   Status Flush() override { return Status::Ok(); }  // unbuffered: nothing is held in the process
   Status Sync() override {
     if (fd_ < 0) return FailedPreconditionError("sync of closed file " + path_);
+    KVAGENT_RETURN_IF_ERROR(WaitAsync(async_last_));
     if (::fdatasync(fd_) != 0) return ErrnoToStatus(errno, "fdatasync " + path_);
     return Status::Ok();
   }
   Status Close() override {
     if (fd_ < 0) return Status::Ok();
+    Status waited = WaitAsync(async_last_);
+#ifdef KVAGENT_HAVE_URING
+    async_.reset();
+#endif
     int rc = ::close(fd_);
     int err = errno;
     if (dfd_ >= 0) ::close(dfd_);
     fd_ = dfd_ = -1;
     if (rc != 0) return ErrnoToStatus(err, "close " + path_);
-    return Status::Ok();
+    return waited;
   }
   uint64_t Size() const override { return size_; }
   size_t DirectIoAlignment() const override { return dfd_ >= 0 ? kBlock : 0; }
@@ -126,6 +301,12 @@ class PosixWritableFile final : public WritableFile {
   int fd_;   // buffered
   int dfd_;  // O_DIRECT, or -1
   uint64_t size_;
+  uint64_t async_last_ = 0;  // id of the last asynchronous append
+  Status async_error_;       // a failed asynchronous append: no more appends
+#ifdef KVAGENT_HAVE_URING
+  bool async_tried_ = false;
+  std::unique_ptr<AsyncWriter> async_;
+#endif
 };
 
 class PosixFileLock final : public FileLock {
@@ -144,7 +325,10 @@ class PosixEnv final : public Env {
  public:
   // Creates/truncates `path`, or opens it for appending with Size() at its current end.
   static StatusOr<std::unique_ptr<PosixWritableFile>> OpenWritable(const std::string& path, bool truncate) {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (truncate ? O_TRUNC : O_APPEND), 0644);
+    // No O_APPEND: Linux's pwrite on an O_APPEND descriptor ignores the offset and writes at the
+    // current EOF, which lags behind a direct write still in flight (AppendAsync); every write
+    // here is a pwrite at size_ instead.
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (truncate ? O_TRUNC : 0), 0644);
     if (fd < 0) return ErrnoToStatus(errno, (truncate ? "create " : "open for append ") + path);
     struct stat st;
     if (::fstat(fd, &st) != 0) {

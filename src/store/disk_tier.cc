@@ -11,6 +11,28 @@ StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& option
   return disk::DiskTierImpl::OpenImpl(options);
 }
 
+namespace {
+// The default two-step put: everything happens in SubmitBatch.
+class DoneTicket final : public DiskTier::WriteTicket {
+ public:
+  Status status;
+  size_t written = 0;
+};
+}  // namespace
+
+std::unique_ptr<DiskTier::WriteTicket> DiskTier::SubmitBatch(std::span<const Segment* const> segments) {
+  auto t = std::make_unique<DoneTicket>();
+  t->status = PutBatch(segments, &t->written);
+  return t;
+}
+
+Status DiskTier::FinishBatch(std::unique_ptr<WriteTicket> ticket, size_t* written) {
+  auto* t = dynamic_cast<DoneTicket*>(ticket.get());
+  *written = t != nullptr ? t->written : 0;
+  if (t == nullptr) return InvalidArgumentError("disk tier: a write ticket from another tier");
+  return t->status;
+}
+
 namespace disk {
 
 namespace {
@@ -34,6 +56,7 @@ DiskTierImpl::DiskTierImpl(const DiskTierOptions& options)
 
 DiskTierImpl::~DiskTierImpl() {
   std::lock_guard<std::mutex> l(mu_);
+  CompleteLocked(nullptr);
   if (active_) {
     // Without options.sync, durability is the caller's Sync(); closing does not imply it.
     if (opts_.sync) active_->Sync().IgnoreError();
@@ -57,6 +80,10 @@ StatusOr<std::unique_ptr<WritableFile>> DiskTierImpl::OpenActiveLocked(const std
 }
 
 Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
+  if (active_ && active_->Size() > 0 && active_->Size() + record_len > opts_.max_file_bytes) {
+    // Every chunk submitted to the file is published (or failed) before the file is closed.
+    CompleteLocked(nullptr);
+  }
   if (active_ && active_->Size() > 0 && active_->Size() + record_len > opts_.max_file_bytes) {
     // Synced even without options.sync: Sync() only reaches the active file, so a file must be
     // durable before it stops being the active one.
@@ -99,10 +126,20 @@ Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
 }
 
 void DiskTierImpl::RollbackActiveLocked(uint64_t file_no, uint64_t old_size) {
-  if (active_) active_->Close().IgnoreError();
-  active_.reset();
-  active_no_ = 0;
+  if (active_ && active_no_ == file_no) {
+    DrainIoLocked();
+    active_->Close().IgnoreError();
+    active_.reset();
+    active_no_ = 0;
+  }
+  for (Chunk& c : chunks_) {
+    if (c.file_no != file_no || c.start < old_size || c.cut) continue;
+    c.cut = true;
+    c.async_id = 0;
+    c.io = AbortedError("disk tier append: cut back with an earlier failed write to " + FilePath(file_no));
+  }
   FileInfo& fi = files_[file_no];
+  if (fi.size < old_size) return;  // already cut further back
   Status s = env_->TruncateFile(fi.path, old_size);
   auto size = env_->GetFileSize(fi.path);
   uint64_t now = size.ok() ? *size : old_size;
@@ -113,8 +150,17 @@ void DiskTierImpl::RollbackActiveLocked(uint64_t file_no, uint64_t old_size) {
   if (!s.ok() || now != old_size) fi.sealed = true;
 }
 
+void DiskTierImpl::DrainIoLocked() {
+  if (!active_) return;
+  for (Chunk& c : chunks_) {
+    if (c.async_id == 0 || c.file_no != active_no_) continue;
+    c.io = active_->WaitAsync(c.async_id);
+    c.async_id = 0;
+  }
+}
+
 Status DiskTierImpl::AppendLocked(std::span<const AppendPiece> pieces, uint64_t* file_no,
-                                  std::vector<uint64_t>* offsets) {
+                                  std::vector<uint64_t>* offsets, uint64_t* async_id) {
   uint64_t total = 0;
   for (const AppendPiece& p : pieces) total += p.record_len;
   auto free = env_->FreeSpace(dir_);
@@ -125,16 +171,31 @@ Status DiskTierImpl::AppendLocked(std::span<const AppendPiece> pieces, uint64_t*
   const uint64_t no = active_no_;
   const uint64_t start = active_->Size();
   offsets->clear();
+  if (async_id != nullptr) *async_id = 0;
+  const size_t block = active_->DirectIoAlignment();
   Status s;
   for (const AppendPiece& p : pieces) {
     offsets->push_back(active_->Size());
     const uint64_t pad = p.record_len - p.prefix.size() - p.payload.size();
     s = active_->Append(p.prefix);
-    if (s.ok() && !p.payload.empty()) s = active_->Append(p.payload);
+    std::span<const std::byte> payload = p.payload;
+    if (s.ok() && async_id != nullptr && block != 0 && payload.size() >= kCoalesceMinBytes &&
+        active_->Size() % block == 0 &&
+        reinterpret_cast<uintptr_t>(payload.data()) % block == 0) {
+      // Whole blocks go asynchronously; the caller keeps the memory until they are written.
+      auto id = active_->AppendAsync(payload.first(payload.size() / block * block));
+      s = id.status();
+      if (s.ok()) {
+        if (*id != 0) *async_id = *id;
+        payload = payload.subspan(payload.size() / block * block);
+      }
+    }
+    if (s.ok() && !payload.empty()) s = active_->Append(payload);
     if (s.ok() && pad > 0) s = active_->Append(std::span<const std::byte>(kZeros, pad));
     if (!s.ok()) break;
   }
-  if (s.ok()) s = opts_.sync ? active_->Sync() : active_->Flush();
+  // Asynchronous appends are synced (options.sync) when the caller has waited for them.
+  if (s.ok() && (async_id == nullptr || *async_id == 0)) s = opts_.sync ? active_->Sync() : active_->Flush();
   if (!s.ok()) {
     RollbackActiveLocked(no, start);
     return s.WithContext("disk tier append");
@@ -239,7 +300,12 @@ Status DiskTierImpl::Put(const Segment& segment) {
   return PutBatch(std::span<const Segment* const>(&one, 1), &written);
 }
 
-Status DiskTierImpl::CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets) {
+Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* written) {
+  return FinishBatch(SubmitBatch(segments), written);
+}
+
+Status DiskTierImpl::CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets,
+                                    AlignedBuffer* buffer) {
   offsets->clear();
   if (block == 0 || block > kDirectBlock || pieces->size() < 2) return Status::Ok();
   uint64_t total = 0;
@@ -254,13 +320,19 @@ Status DiskTierImpl::CoalesceLocked(size_t block, std::vector<AppendPiece>* piec
   const uint64_t lead = PaddingTo(start, block);
   const uint64_t tail = PaddingTo(start + lead + total, block);
   const uint64_t len = total + tail;
-  if (coalesce_cap_ < len) {
-    coalesce_.reset(static_cast<std::byte*>(
-        std::aligned_alloc(kDirectBlock, (len + kDirectBlock - 1) / kDirectBlock * kDirectBlock)));
-    coalesce_cap_ = coalesce_ ? len : 0;
-    if (!coalesce_) return Status::Ok();  // no memory for it: write the records one by one
+  if (buffer->capacity < len && !spare_buffers_.empty()) {
+    *buffer = std::move(spare_buffers_.back());
+    spare_buffers_.pop_back();
   }
-  std::byte* out = coalesce_.get();
+  if (buffer->capacity < len) {
+    // One size for every ordinary batch (the store's are up to 4 MiB), so buffers are reused
+    // instead of mapped and faulted in anew.
+    const uint64_t cap = std::max<uint64_t>((len + kDirectBlock - 1) / kDirectBlock * kDirectBlock, kCoalesceBufferBytes);
+    buffer->data.reset(static_cast<std::byte*>(std::aligned_alloc(kDirectBlock, cap)));
+    buffer->capacity = buffer->data ? cap : 0;
+    if (!buffer->data) return Status::Ok();  // no memory for it: write the records one by one
+  }
+  std::byte* out = buffer->data.get();
   uint64_t at = 0;
   for (const AppendPiece& p : *pieces) {
     offsets->push_back(at);
@@ -281,22 +353,39 @@ Status DiskTierImpl::CoalesceLocked(size_t block, std::vector<AppendPiece>* piec
   return Status::Ok();
 }
 
-Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* written) {
-  *written = 0;
-  // Encoding and checksums outside the lock.
-  struct Prepared {
-    const Segment* segment;
-    std::vector<std::byte> encoded;
-    std::span<const std::byte> payload;
-    EncodedRecord rec;
-    SegmentInfo info;
-  };
+// A submitted batch: its prepared records and how far they got.
+class DiskTierImpl::Ticket final : public DiskTier::WriteTicket {
+ public:
+  explicit Ticket(DiskTierImpl* tier) : tier_(tier) {}
+  ~Ticket() override {
+    if (outstanding == 0) return;
+    std::lock_guard<std::mutex> l(tier_->mu_);
+    tier_->CompleteLocked(this);
+  }
+
+  std::vector<Prepared> prep;
+  Status status;           // the first error
+  size_t written = 0;      // leading records published
+  size_t outstanding = 0;  // chunks submitted, not yet published or failed
+  bool failed = false;
+
+  void Fail(const Status& s) {
+    if (failed) return;
+    failed = true;
+    status = s;
+  }
+
+ private:
+  DiskTierImpl* tier_;
+};
+
+Status DiskTierImpl::Prepare(std::span<const Segment* const> segments, std::vector<Prepared>* prep) const {
   const CodecKind codec = opts_.codec;
-  std::vector<Prepared> prep(segments.size());
+  prep->resize(segments.size());
   for (size_t i = 0; i < segments.size(); ++i) {
     const Segment& segment = *segments[i];
     KVAGENT_RETURN_IF_ERROR(segment.Validate());
-    Prepared& p = prep[i];
+    Prepared& p = (*prep)[i];
     p.segment = &segment;
     p.payload = segment.payload->span();
     if (codec != CodecKind::kRaw) {
@@ -311,21 +400,38 @@ Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* 
     p.info = InfoOf(segment);
     p.info.codec = static_cast<uint8_t>(codec);
   }
+  return Status::Ok();
+}
 
+std::unique_ptr<DiskTier::WriteTicket> DiskTierImpl::SubmitBatch(std::span<const Segment* const> segments) {
+  auto t = std::make_unique<Ticket>(this);
+  // Encoding and checksums outside the lock.
+  Status s = Prepare(segments, &t->prep);
+  if (!s.ok()) {
+    t->Fail(s);
+    return t;
+  }
   std::lock_guard<std::mutex> l(mu_);
-  size_t i = 0;
+  SubmitLocked(t.get());
+  if (opts_.sync) CompleteLocked(t.get());  // durable before Put returns: nothing to overlap
+  return t;
+}
+
+void DiskTierImpl::SubmitLocked(Ticket* t) {
   std::vector<AppendPiece> pieces;
   std::vector<uint64_t> offsets;
-  while (i < prep.size()) {
-    // One chunk: the records that fit the active file, appended back to back, made visible
-    // once, then indexed; all or nothing.
-    KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(prep[i].rec.header.record_len + kMaxPayloadPad));
+  size_t i = 0;
+  while (i < t->prep.size()) {
+    // One chunk: the records that fit the active file, appended back to back.
+    Status s = EnsureActiveLocked(t->prep[i].rec.header.record_len + kMaxPayloadPad);
+    if (t->failed) return;  // a roll-over completed this ticket's earlier chunks and one failed
+    if (!s.ok()) return t->Fail(s);
     const size_t block = active_->DirectIoAlignment();
     uint64_t at = active_->Size();
     size_t j = i;
     pieces.clear();
-    for (; j < prep.size(); ++j) {
-      Prepared& p = prep[j];
+    for (; j < t->prep.size(); ++j) {
+      Prepared& p = t->prep[j];
       // Direct I/O: a large payload that starts on a block boundary in memory starts on one in
       // the file too (record format version 2), so it goes to the device without a copy.
       if (block != 0 && block <= kDirectBlock && p.payload.size() >= kDirectMinPayload &&
@@ -335,10 +441,19 @@ Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* 
       pieces.push_back(AppendPiece{AsBytes(p.rec.prefix), p.payload, p.rec.header.record_len});
       at += p.rec.header.record_len;
     }
-    uint64_t no = 0;
+    Chunk c;
+    c.ticket = t;
+    c.first = i;
+    c.last = j;
     std::vector<uint64_t> record_offsets;
-    KVAGENT_RETURN_IF_ERROR(CoalesceLocked(block, &pieces, &record_offsets));
-    KVAGENT_RETURN_IF_ERROR(AppendLocked(pieces, &no, &offsets));
+    uint64_t no = 0;
+    s = CoalesceLocked(block, &pieces, &record_offsets, &c.buffer);
+    if (t->failed) return;
+    if (s.ok()) s = AppendLocked(pieces, &no, &offsets, &c.async_id);
+    if (!s.ok()) return t->Fail(s);
+    c.file_no = no;
+    c.start = offsets.front();
+    c.async = c.async_id != 0;
     if (record_offsets.empty()) {
       record_offsets = offsets;
     } else {
@@ -347,31 +462,78 @@ Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* 
       const uint64_t base = offsets.back();
       for (uint64_t& o : record_offsets) o += base;
     }
-    offsets = std::move(record_offsets);
-    std::vector<Hash128> keys;
-    uint64_t bytes = 0;
-    for (size_t k = i; k < j; ++k) {
-      Prepared& p = prep[k];
-      const RecordHeader& h = p.rec.header;
-      const RecordLocation loc{no,   offsets[k - i], h.record_len, h.payload_offset, h.payload_len, h.payload_checksum,
-                               codec};
-      p.info.stored_bytes = loc.record_len;
-      InsertLocked(p.segment->key, loc, p.info);
-      ++puts_;
-      keys.push_back(p.segment->key);
-      bytes += loc.record_len;
-    }
-    CommitCatalogLocked(keys, {}, bytes);
-    EvictLocked(keys.back());
-    *written = j;
+    c.offsets = std::move(record_offsets);
+    ++t->outstanding;
+    chunks_.push_back(std::move(c));
     i = j;
   }
-  MaybeAutoCompactLocked();
-  return Status::Ok();
+}
+
+void DiskTierImpl::CompleteLocked(const Ticket* t) {
+  while (!chunks_.empty() && (t == nullptr || t->outstanding > 0)) {
+    Chunk c = std::move(chunks_.front());
+    chunks_.pop_front();
+    Ticket* owner = c.ticket;
+    const bool active = active_ && active_no_ == c.file_no;
+    if (c.async_id != 0) {
+      c.io = active ? active_->WaitAsync(c.async_id) : InternalError("disk tier: segment file closed under a write");
+      c.async_id = 0;
+    }
+    // Synchronous appends were synced by AppendLocked; asynchronous ones once written.
+    if (c.io.ok() && c.async && opts_.sync)
+      c.io = active ? active_->Sync() : InternalError("disk tier: segment file closed under a write");
+    if (c.io.ok() && !owner->failed) {
+      PublishLocked(c);
+      owner->written = c.last;
+    } else if (!owner->failed) {
+      owner->Fail(c.io.ok() ? AbortedError("disk tier append: an earlier part of the batch failed")
+                            : c.io.WithContext("disk tier append"));
+      // Not published, so never served: cut the chunk (and everything after it) off the file.
+      if (!c.cut) RollbackActiveLocked(c.file_no, c.start);
+    } else if (!c.cut) {
+      RollbackActiveLocked(c.file_no, c.start);
+    }
+    --owner->outstanding;
+    if (c.buffer.data && spare_buffers_.size() < 4) spare_buffers_.push_back(std::move(c.buffer));
+  }
+}
+
+void DiskTierImpl::PublishLocked(const Chunk& c) {
+  const Ticket& t = *c.ticket;
+  std::vector<Hash128> keys;
+  uint64_t bytes = 0;
+  for (size_t k = c.first; k < c.last; ++k) {
+    const Prepared& p = t.prep[k];
+    const RecordHeader& h = p.rec.header;
+    const RecordLocation loc{c.file_no,         c.offsets[k - c.first], h.record_len, h.payload_offset,
+                             h.payload_len,     h.payload_checksum,     opts_.codec};
+    SegmentInfo info = p.info;
+    info.stored_bytes = loc.record_len;
+    InsertLocked(p.segment->key, loc, info);
+    ++puts_;
+    keys.push_back(p.segment->key);
+    bytes += loc.record_len;
+  }
+  CommitCatalogLocked(keys, {}, bytes);
+  EvictLocked(keys.back());
+}
+
+Status DiskTierImpl::FinishBatch(std::unique_ptr<WriteTicket> ticket, size_t* written) {
+  *written = 0;
+  auto* t = dynamic_cast<Ticket*>(ticket.get());
+  if (t == nullptr) return InvalidArgumentError("disk tier: a write ticket from another tier");
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    CompleteLocked(t);
+    if (chunks_.empty()) MaybeAutoCompactLocked();
+  }
+  *written = t->written;
+  return t->failed ? t->status : Status::Ok();
 }
 
 Status DiskTierImpl::Delete(const Hash128& key) {
   std::lock_guard<std::mutex> l(mu_);
+  CompleteLocked(nullptr);
   if (index_.find(key) == index_.end()) return NotFoundError("disk tier: no segment " + key.ToHex());
   KVAGENT_RETURN_IF_ERROR(WriteTombstonesLocked({key}));
   EraseLocked(key);
@@ -516,6 +678,7 @@ std::vector<SegmentInfo> DiskTierImpl::List(const SegmentFilter& filter) {
 
 Status DiskTierImpl::Sync() {
   std::lock_guard<std::mutex> l(mu_);
+  CompleteLocked(nullptr);
   Status s = active_ ? active_->Sync() : Status::Ok();
   // After the data: a committed row never points at bytes that are not durable.
   if (s.ok()) FlushCatalogLocked();
@@ -583,6 +746,7 @@ StatusOr<VerifyReport> DiskTierImpl::Verify(ProgressFn progress) {
 
 StatusOr<CompactReport> DiskTierImpl::Compact(ProgressFn progress) {
   std::lock_guard<std::mutex> l(mu_);
+  CompleteLocked(nullptr);
   return CompactLocked(progress);
 }
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <atomic>
+#include <cstdlib>
+#include <deque>
 #include <list>
 #include <map>
 #include <memory>
@@ -25,6 +27,8 @@ class DiskTierImpl final : public DiskTier {
 
   Status Put(const Segment& segment) override;
   Status PutBatch(std::span<const Segment* const> segments, size_t* written) override;
+  std::unique_ptr<WriteTicket> SubmitBatch(std::span<const Segment* const> segments) override;
+  Status FinishBatch(std::unique_ptr<WriteTicket> ticket, size_t* written) override;
   StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) override;
   Status ReadPayload(const Hash128& key, const Hash128& model, std::span<std::byte> dst) override;
   StatusOr<SegmentInfo> Info(const Hash128& key) override;
@@ -56,7 +60,51 @@ class DiskTierImpl final : public DiskTier {
     std::shared_ptr<RandomAccessFile> reader;
   };
 
+  struct FreeDeleter {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  struct AlignedBuffer {
+    std::unique_ptr<std::byte, FreeDeleter> data;
+    uint64_t capacity = 0;
+  };
+  // A segment ready to append: encoded payload, record prefix (checksums computed), info.
+  struct Prepared {
+    const Segment* segment = nullptr;
+    std::vector<std::byte> encoded;  // codec output (the raw codec uses the segment's memory)
+    std::span<const std::byte> payload;
+    EncodedRecord rec;
+    SegmentInfo info;
+  };
+  class Ticket;
+  // A run of one ticket's records appended together to one file. Chunks are published (indexed,
+  // cataloged) in submission order once their writes are done; a chunk whose write failed cuts
+  // its file back to `start`, which also cuts every later chunk of that file.
+  struct Chunk {
+    Ticket* ticket = nullptr;
+    size_t first = 0, last = 0;  // the ticket's records [first, last)
+    uint64_t file_no = 0;
+    uint64_t start = 0;             // file offset of the chunk's first byte
+    std::vector<uint64_t> offsets;  // record offsets in the file
+    uint64_t async_id = 0;          // last asynchronous append still to wait for (0: none)
+    bool async = false;             // some of it was appended asynchronously
+    Status io;                      // the writes' result once waited for
+    bool cut = false;               // cut back with an earlier failed chunk
+    AlignedBuffer buffer;           // coalesced records, kept until written
+  };
+
   explicit DiskTierImpl(const DiskTierOptions& options);
+
+  // Validates and encodes `segments` (no lock): checksums and record prefixes.
+  Status Prepare(std::span<const Segment* const> segments, std::vector<Prepared>* prep) const;
+  // Appends the ticket's records as chunks (asynchronously where the file allows).
+  void SubmitLocked(Ticket* t);
+  // Waits for and publishes (or fails) submitted chunks in order until `t` has none left
+  // (nullptr: until none is left). Re-entrant: publishing may roll a file over, which completes
+  // the remaining chunks first.
+  void CompleteLocked(const Ticket* t);
+  void PublishLocked(const Chunk& c);
+  // Waits for the active file's asynchronous appends, recording each chunk's result.
+  void DrainIoLocked();
 
   std::string FilePath(uint64_t file_no) const;
 
@@ -78,16 +126,25 @@ class DiskTierImpl final : public DiskTier {
   // fit), makes them visible to readers and, with options.sync, durable. All or nothing: on any
   // error the file is cut back to its previous length, so the tier is unchanged. *file_no and
   // *offsets (one per piece) say where they went.
-  Status AppendLocked(std::span<const AppendPiece> pieces, uint64_t* file_no, std::vector<uint64_t>* offsets);
+  // With `async_id`, block-aligned payloads are appended asynchronously (WritableFile::AppendAsync)
+  // and *async_id is the last such append (0: none); the caller waits for it, syncs with
+  // options.sync, and cuts the file back on failure (see Chunk). The records are not visible to
+  // readers before that.
+  Status AppendLocked(std::span<const AppendPiece> pieces, uint64_t* file_no, std::vector<uint64_t>* offsets,
+                      uint64_t* async_id = nullptr);
   Status EnsureActiveLocked(uint64_t record_len);
   // Direct I/O for a batch of small records: when `pieces` (one per record, every payload below
   // kCoalesceMaxPayload) add up to kCoalesceMinBytes or more, replaces them with [padding to the next block
   // boundary,] one block-aligned buffer holding the records and a trailing padding record, so
   // the file writes the buffer with O_DIRECT; *offsets then holds each record's offset from the
   // buffer's start. Otherwise leaves `pieces` alone and *offsets empty.
-  Status CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets);
+  // The buffer comes from a small pool and goes to `buffer` (kept until the write is done).
+  Status CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets,
+                        AlignedBuffer* buffer);
   // Opens the active segment file (direct I/O when options.direct_io).
   StatusOr<std::unique_ptr<WritableFile>> OpenActiveLocked(const std::string& path, bool truncate);
+  // Cuts file `file_no` back to `old_size` (closing it if active, after its asynchronous appends)
+  // and marks every submitted chunk at or past that offset as cut.
   void RollbackActiveLocked(uint64_t file_no, uint64_t old_size);
   Status WriteTombstonesLocked(const std::vector<Hash128>& keys);
   void InsertLocked(const Hash128& key, const RecordLocation& loc, const SegmentInfo& info);
@@ -142,12 +199,10 @@ class DiskTierImpl final : public DiskTier {
   // asynchronous writeback beat one synchronous direct write per batch (docs/benchmarks.md).
   static constexpr uint64_t kCoalesceMinBytes = 1 << 20;
   static constexpr uint64_t kCoalesceMaxPayload = 256 << 10;
-  struct FreeDeleter {
-    void operator()(std::byte* p) const { std::free(p); }
-  };
-  std::unique_ptr<std::byte, FreeDeleter> coalesce_;  // reused aligned buffer (under mu_)
-  uint64_t coalesce_cap_ = 0;
+  static constexpr uint64_t kCoalesceBufferBytes = (4 << 20) + (256 << 10) + 2 * kMaxPaddingRecord;
+  std::vector<AlignedBuffer> spare_buffers_;  // coalescing buffers for reuse (a few)
   std::string coalesce_lead_;
+  std::deque<Chunk> chunks_;  // submitted, not yet published
   uint64_t active_no_ = 0;  // 0: no file open for appending
   uint64_t next_file_no_ = 1;
   std::unordered_map<Hash128, Entry, Hash128Hasher> index_;

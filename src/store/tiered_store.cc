@@ -62,6 +62,7 @@ class TieredStore final : public Store {
   struct Op {
     Hash128 key;
     uint64_t seq;
+    uint64_t bytes;  // payload bytes of the Put (0: a delete)
   };
 
   size_t StripeIndex(const Hash128& key) const { return Hash128Hasher{}(key) % kStripes; }
@@ -101,11 +102,11 @@ class TieredStore final : public Store {
   std::mutex mu_;  // guards everything below
   std::condition_variable cv_;
   std::deque<Op> queue_;
+  uint64_t queued_bytes_ = 0;  // payload bytes of the Puts in queue_
   std::unordered_map<Hash128, Pending, Hash128Hasher> pending_;
   uint64_t next_seq_ = 1;
   uint64_t done_seq_ = 0;  // seq of the last op the writer finished; ops are applied in seq order
   size_t failed_count_ = 0;
-  size_t in_flight_ = 0;  // ops of the batch the writer is applying
   uint64_t write_errors_ = 0;
   Status last_write_error_;
   bool closing_ = false;
@@ -153,10 +154,10 @@ Status TieredStore::Put(SegmentHandle segment) {
 Status TieredStore::WaitForSlotLocked(std::unique_lock<std::mutex>& lock) {
   for (;;) {
     if (closing_) return ClosedError();
-    // The writer's batch counts beyond its first op: at most write_queue_limit + 1 segments
-    // wait for the disk, as when the writer took one op at a time.
-    const size_t extra_in_flight = in_flight_ > 0 ? in_flight_ - 1 : 0;
-    if (queue_.size() + failed_count_ + extra_in_flight < options_.write_queue_limit) return Status::Ok();
+    // Segments the writer has taken (at most two batches, one being written and one being
+    // submitted) do not count: the queue refills while the device writes, so the next batch is
+    // a full one.
+    if (queue_.size() + failed_count_ < options_.write_queue_limit) return Status::Ok();
     if (failed_count_ > 0)
       return UnavailableError("write-behind queue is full of failed disk writes (" + std::to_string(failed_count_) +
                               " segments kept in memory; Flush() retries them): " + last_write_error_.ToString());
@@ -168,77 +169,42 @@ void TieredStore::EnqueueLocked(const Hash128& key, SegmentHandle segment) {
   Pending& p = pending_[key];
   if (p.failed) --failed_count_;
   p = Pending{std::move(segment), next_seq_++, false};
-  queue_.push_back(Op{key, p.seq});
+  const uint64_t bytes = p.segment ? p.segment->PayloadBytes() : 0;
+  queue_.push_back(Op{key, p.seq, bytes});
+  queued_bytes_ += bytes;
   cv_.notify_all();
 }
 
 void TieredStore::WriterLoop() {
   // Consecutive queued Puts go to the disk tier as one batch (up to kBatchBytes of payload or
-  // kBatchSegments), so it writes them out together; a Delete is applied on its own.
+  // kBatchSegments), so it writes them out together; a Delete is applied on its own, after every
+  // batch before it is finished. Batches are submitted (DiskTier::SubmitBatch) while earlier ones
+  // are still being written, up to kMaxInFlightBytes / kMaxInFlightBatches, and finished oldest
+  // first (FinishBatch) when that limit is reached or the queue runs dry: the device always has
+  // writes queued while the next batch is encoded and copied.
   constexpr uint64_t kBatchBytes = 4ull << 20;
   constexpr size_t kBatchSegments = 256;
+  constexpr uint64_t kMaxInFlightBytes = 64ull << 20;
+  constexpr size_t kMaxInFlightBatches = 8;
+  constexpr uint64_t kMinBatchBytes = 1ull << 20;
   struct Item {
     Op op;
     SegmentHandle segment;  // null: a delete
   };
-  std::vector<Item> batch;
+  struct Batch {
+    std::vector<Item> items;
+    uint64_t bytes = 0;
+    uint64_t last_seq = 0;  // of every op taken off the queue for it, applied or skipped
+    std::unique_ptr<DiskTier::WriteTicket> ticket;
+  };
+  std::deque<Batch> in_flight;  // submitted, not finished; oldest first
+  uint64_t in_flight_bytes = 0;
   std::vector<const Segment*> puts;
-  std::unique_lock<std::mutex> lock(mu_);
-  for (;;) {
-    cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-    if (queue_.empty()) return;  // stop_ and drained
-    batch.clear();
-    uint64_t batch_bytes = 0;
-    uint64_t last_seq = 0;  // of every op taken off the queue, applied or skipped
-    while (!queue_.empty()) {
-      const Op op = queue_.front();
-      auto it = pending_.find(op.key);
-      const bool live = it != pending_.end() && it->second.seq == op.seq;
-      const bool is_delete = live && !it->second.segment;
-      if (!batch.empty() && (is_delete || batch.size() >= kBatchSegments || batch_bytes >= kBatchBytes)) break;
-      queue_.pop_front();
-      last_seq = op.seq;
-      // A superseded op (a newer Put or Delete of the same key is queued behind it) is skipped.
-      if (!live) continue;
-      batch.push_back(Item{op, it->second.segment});
-      if (is_delete) break;
-      batch_bytes += it->second.segment->PayloadBytes();
-    }
-    if (batch.empty()) done_seq_ = last_seq;
-    in_flight_ = batch.size();
-    cv_.notify_all();  // slots are free for waiting Puts (and drains may be done)
-    if (batch.empty()) continue;
-    lock.unlock();
-    Status s;
-    size_t ok_count = 0;
-    if (!batch.front().segment) {
-      s = disk_->Delete(batch.front().op.key);
-      if (s.code() == StatusCode::kNotFound) s = Status::Ok();
-      ok_count = s.ok() ? 1 : 0;
-    } else {
-      puts.clear();
-      for (const Item& item : batch) puts.push_back(item.segment.get());
-      s = disk_->PutBatch(puts, &ok_count);
-    }
-    // Group commit: one sync when the queue runs dry covers every record written since the
-    // last one. Nothing under write-behind is acknowledged as durable before Flush(), which
-    // syncs again, so a failure here only counts; the next Flush reports a lasting one.
-    if (s.ok() && options_.sync) {
-      bool batch_end;
-      {
-        std::lock_guard<std::mutex> relock(mu_);
-        batch_end = queue_.empty();
-      }
-      if (batch_end) {
-        s = disk_->Sync();
-        if (!s.ok()) ok_count = 0;
-      }
-    }
-    lock.lock();
-    done_seq_ = last_seq;
-    in_flight_ = 0;
-    for (size_t i = 0; i < batch.size(); ++i) {
-      const Item& item = batch[i];
+  // Applies a finished batch's outcome (ok_count leading items written); call with mu_ held.
+  auto apply = [this](const Batch& b, const Status& s, size_t ok_count) {
+    done_seq_ = b.last_seq;
+    for (size_t i = 0; i < b.items.size(); ++i) {
+      const Item& item = b.items[i];
       auto it = pending_.find(item.op.key);
       if (it == pending_.end() || it->second.seq != item.op.seq) continue;
       if (i < ok_count) {
@@ -249,13 +215,101 @@ void TieredStore::WriterLoop() {
       }
     }
     if (!s.ok()) {
-      write_errors_ += batch.size() - std::min(ok_count, batch.size());
-      const Item& first_failed = batch[std::min(ok_count, batch.size() - 1)];
+      write_errors_ += b.items.size() - std::min(ok_count, b.items.size());
+      const Item& first_failed = b.items[std::min(ok_count, b.items.size() - 1)];
       last_write_error_ =
           s.WithContext(std::string(first_failed.segment ? "write-behind put of " : "write-behind delete of ") +
                         first_failed.op.key.ToHex());
     }
     cv_.notify_all();
+  };
+  // Group commit (without mu_): one sync when the queue runs dry covers every record written
+  // since the last one. Nothing under write-behind is acknowledged as durable before Flush(),
+  // which syncs again, so a failed sync here only counts; the next Flush reports a lasting one.
+  auto sync_if_dry = [this](Status* s, size_t* ok_count) {
+    if (!s->ok() || !options_.sync) return;
+    {
+      std::lock_guard<std::mutex> relock(mu_);
+      if (!queue_.empty()) return;
+    }
+    *s = disk_->Sync();
+    if (!s->ok()) *ok_count = 0;
+  };
+  // Finishes the oldest batch in flight; call with `lock` held (released meanwhile).
+  auto finish_oldest = [&](std::unique_lock<std::mutex>& lock) {
+    Batch b = std::move(in_flight.front());
+    in_flight.pop_front();
+    in_flight_bytes -= b.bytes;
+    lock.unlock();
+    size_t ok_count = 0;
+    Status s = disk_->FinishBatch(std::move(b.ticket), &ok_count);
+    if (in_flight.empty()) sync_if_dry(&s, &ok_count);
+    lock.lock();
+    apply(b, s, ok_count);
+  };
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !in_flight.empty(); });
+    // A batch in flight is finished first when the limit is reached, when the queue is empty,
+    // or when it holds less than kMinBatchBytes: it fills up while the device writes.
+    if (!in_flight.empty() && (queued_bytes_ < kMinBatchBytes || in_flight_bytes >= kMaxInFlightBytes ||
+                               in_flight.size() >= kMaxInFlightBatches)) {
+      finish_oldest(lock);
+      continue;
+    }
+    if (queue_.empty()) return;  // stop_ and drained
+    Batch batch;
+    bool delete_waits = false;
+    while (!queue_.empty()) {
+      const Op op = queue_.front();
+      auto it = pending_.find(op.key);
+      const bool live = it != pending_.end() && it->second.seq == op.seq;
+      const bool is_delete = live && !it->second.segment;
+      if (!batch.items.empty() && (is_delete || batch.items.size() >= kBatchSegments || batch.bytes >= kBatchBytes))
+        break;
+      if (is_delete && !in_flight.empty()) {  // the puts before it are written first
+        delete_waits = true;
+        break;
+      }
+      queue_.pop_front();
+      queued_bytes_ -= op.bytes;
+      batch.last_seq = op.seq;
+      // A superseded op (a newer Put or Delete of the same key is queued behind it) is skipped.
+      if (!live) continue;
+      batch.items.push_back(Item{op, it->second.segment});
+      if (is_delete) break;
+      batch.bytes += it->second.segment->PayloadBytes();
+    }
+    if (batch.items.empty()) {
+      // Only superseded ops: done once everything before them is.
+      if (batch.last_seq != 0) {
+        if (!in_flight.empty()) {
+          in_flight.back().last_seq = batch.last_seq;
+        } else {
+          done_seq_ = batch.last_seq;
+          cv_.notify_all();
+        }
+      }
+      if (delete_waits) finish_oldest(lock);
+      continue;
+    }
+    cv_.notify_all();  // slots are free for waiting Puts
+    lock.unlock();
+    if (!batch.items.front().segment) {  // a delete (nothing is in flight)
+      Status s = disk_->Delete(batch.items.front().op.key);
+      if (s.code() == StatusCode::kNotFound) s = Status::Ok();
+      size_t ok_count = s.ok() ? 1 : 0;
+      sync_if_dry(&s, &ok_count);
+      lock.lock();
+      apply(batch, s, ok_count);
+      continue;
+    }
+    puts.clear();
+    for (const Item& item : batch.items) puts.push_back(item.segment.get());
+    batch.ticket = disk_->SubmitBatch(puts);
+    lock.lock();
+    in_flight_bytes += batch.bytes;
+    in_flight.push_back(std::move(batch));
   }
 }
 
@@ -265,7 +319,9 @@ Status TieredStore::DrainLocked(std::unique_lock<std::mutex>& lock) {
     p.failed = false;
     --failed_count_;
     p.seq = next_seq_++;
-    queue_.push_back(Op{key, p.seq});
+    const uint64_t bytes = p.segment ? p.segment->PayloadBytes() : 0;
+    queue_.push_back(Op{key, p.seq, bytes});
+    queued_bytes_ += bytes;
   }
   cv_.notify_all();
   const uint64_t target = next_seq_ - 1;
@@ -488,7 +544,7 @@ StoreStats TieredStore::Stats() {
     s.disk = disk_->Stats();
   }
   std::lock_guard<std::mutex> lock(mu_);
-  s.write_queue_depth = queue_.size() + failed_count_ + (in_flight_ > 0 ? in_flight_ - 1 : 0);
+  s.write_queue_depth = queue_.size() + failed_count_;
   s.write_errors = write_errors_;
   return s;
 }
@@ -535,6 +591,7 @@ Status TieredStore::Close() {
   closing_ = true;
   pending_.clear();
   queue_.clear();
+  queued_bytes_ = 0;
   failed_count_ = 0;
   return result;
 }

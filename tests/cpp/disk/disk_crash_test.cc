@@ -48,16 +48,36 @@ DiskTierOptions CrashOptions(const std::string& dir, bool sync = true, bool batc
 // Child: never returns. Acks are int64: +key after Put returned OK, -key after Delete did;
 // key | kDeleteIntent just before a Delete (that key may then be present or not).
 constexpr uint64_t kDeleteIntent = uint64_t{1} << 50;
-// batches: Puts go in PutBatch calls of kBatch segments (acknowledged together after it returns).
+// batches: Puts go in PutBatch calls of kBatch segments (acknowledged together after it returns);
+// pipelined: as the store's writer does, batch k+1 is submitted (SubmitBatch) before batch k is
+// finished (FinishBatch) and acknowledged, so a kill can land with two batches in flight.
 constexpr uint64_t kBatch = 24;
+struct InFlight {
+  uint64_t first_key;
+  std::vector<Segment> segs;
+  std::unique_ptr<DiskTier::WriteTicket> ticket;
+};
 [[noreturn]] void ChildLoop(const std::string& dir, uint64_t first_key, int fd, uint64_t seed, bool sync,
-                            bool batches) {
+                            bool batches, bool pipelined) {
   auto t = DiskTier::Open(CrashOptions(dir, sync, batches));
   if (!t.ok()) _exit(3);
   std::mt19937_64 rng(seed);
   std::vector<uint64_t> mine;
+  std::unique_ptr<InFlight> in_flight;
+  auto finish = [&] {
+    if (!in_flight) return;
+    size_t written = 0;
+    if (!(*t)->FinishBatch(std::move(in_flight->ticket), &written).ok() || written != kBatch) _exit(6);
+    for (uint64_t k = in_flight->first_key; k < in_flight->first_key + kBatch; ++k) {
+      int64_t ack = static_cast<int64_t>(k);
+      if (write(fd, &ack, sizeof(ack)) != sizeof(ack)) _exit(7);
+      mine.push_back(k);
+    }
+    in_flight.reset();
+  };
   for (uint64_t key = first_key;; ++key) {
     if (!mine.empty() && rng() % 4 == 0) {
+      finish();  // a Delete finishes the tickets in flight anyway
       size_t i = rng() % mine.size();
       uint64_t victim = mine[i];
       mine.erase(mine.begin() + static_cast<long>(i));
@@ -67,7 +87,17 @@ constexpr uint64_t kBatch = 24;
       int64_t ack = -static_cast<int64_t>(victim);
       if (write(fd, &ack, sizeof(ack)) != sizeof(ack)) _exit(5);
     }
-    if (batches) {
+    if (pipelined) {
+      auto next = std::make_unique<InFlight>();
+      next->first_key = key;
+      for (uint64_t k = key; k < key + kBatch; ++k) next->segs.push_back(SegmentFor(k));
+      std::vector<const Segment*> ptrs;
+      for (const Segment& seg : next->segs) ptrs.push_back(&seg);
+      next->ticket = (*t)->SubmitBatch(ptrs);
+      finish();
+      in_flight = std::move(next);
+      key += kBatch - 1;
+    } else if (batches) {
       std::vector<Segment> segs;
       std::vector<const Segment*> ptrs;
       for (uint64_t k = key; k < key + kBatch; ++k) segs.push_back(SegmentFor(k));
@@ -86,7 +116,10 @@ constexpr uint64_t kBatch = 24;
       if (write(fd, &ack, sizeof(ack)) != sizeof(ack)) _exit(7);
       mine.push_back(key);
     }
-    if (rng() % 30 == 0 && !(*t)->Compact(nullptr).ok()) _exit(8);
+    if (rng() % 30 == 0) {
+      finish();
+      if (!(*t)->Compact(nullptr).ok()) _exit(8);
+    }
   }
 }
 
@@ -107,8 +140,9 @@ TEST(DiskCrashTest, SigkillAtRandomTimes) {
     ASSERT_GE(pid, 0);
     if (pid == 0) {
       close(fds[0]);
-      // Rounds alternate sync / no sync; every third round writes in batches.
-      ChildLoop(dir, first, fds[1], rng(), round % 2 == 0, round % 3 == 2);
+      // Rounds alternate sync / no sync; every third round writes in batches, every other of
+      // those pipelined.
+      ChildLoop(dir, first, fds[1], rng(), round % 2 == 0, round % 3 == 2, round % 6 == 5);
     }
     close(fds[1]);
     usleep(static_cast<useconds_t>(20000 + rng() % 180000));
@@ -131,7 +165,7 @@ TEST(DiskCrashTest, SigkillAtRandomTimes) {
       }
     }
     close(fds[0]);
-    next_key = max_key + kBatch + 1;  // skips the Put or batch that may have been in flight
+    next_key = max_key + 2 * kBatch + 1;  // skips the Puts or batches that may have been in flight
 
     auto t = DiskTier::Open(CrashOptions(dir));
     ASSERT_TRUE(t.ok()) << t.status().ToString();

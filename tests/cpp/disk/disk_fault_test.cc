@@ -114,6 +114,65 @@ TEST_P(FaultTest, FailedShortAndUnsyncedWritesLeaveTierUnchanged) {
   CheckAcked(t.get());
 }
 
+// Two-step puts with writes that fail on the device after they were queued (the env defers
+// asynchronous appends to WaitAsync): records appear only when their ticket finishes, a failed
+// write fails its ticket and every ticket submitted after it, and the tier is left as before.
+TEST_P(FaultTest, PipelinedBatchesPublishInOrderAndFailTogether) {
+  fenv_->SimulateAsyncDirectIo(true);
+  DiskTierOptions o = Options();
+  o.sync = false;
+  o.max_file_bytes = 64 << 20;
+  auto opened = DiskTier::Open(o);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  auto t = std::move(opened).value();
+  const SegmentLayout big{2, 2, 128, 64, DType::kBF16};  // 128 KiB payloads: batches are coalesced
+  std::vector<Segment> segs;
+  for (uint64_t k = 0; k < 40; ++k) segs.push_back(MakeSegment(1000 + k, k, big));
+  auto batch = [&](size_t first) {
+    std::vector<const Segment*> out;
+    for (size_t i = first; i < first + 10; ++i) out.push_back(&segs[i]);
+    return out;
+  };
+  auto b0 = batch(0), b1 = batch(10), b2 = batch(20), b3 = batch(30);
+  auto t0 = t->SubmitBatch(b0);
+  auto t1 = t->SubmitBatch(b1);
+  EXPECT_FALSE(t->Contains(segs[0].key));  // written, not yet published
+  size_t written = 99;
+  ASSERT_TRUE(t->FinishBatch(std::move(t1), &written).ok());  // finishes t0 first
+  EXPECT_EQ(written, 10u);
+  for (size_t i = 0; i < 20; ++i) EXPECT_TRUE(t->Contains(segs[i].key)) << i;
+  ASSERT_TRUE(t->FinishBatch(std::move(t0), &written).ok());
+  EXPECT_EQ(written, 10u);
+  auto got = t->Get(segs[15].key, TestModel());
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_TRUE(SameSegment(**got, segs[15]));
+
+  const TierStats before = t->Stats();
+  auto t2 = t->SubmitBatch(b2);
+  fenv_->FailNextWrites(1);  // the device fails t2's queued write
+  auto t3 = t->SubmitBatch(b3);
+  EXPECT_FALSE(t->FinishBatch(std::move(t2), &written).ok());
+  EXPECT_EQ(written, 0u);
+  EXPECT_FALSE(t->FinishBatch(std::move(t3), &written).ok());
+  EXPECT_EQ(written, 0u);
+  fenv_->ClearFaults();
+  EXPECT_EQ(t->Stats().segments, before.segments);
+  EXPECT_EQ(t->Stats().file_bytes, before.file_bytes);
+  for (size_t i = 20; i < 40; ++i) EXPECT_FALSE(t->Contains(segs[i].key)) << i;
+  // Still usable, and a ticket dropped unfinished is finished by its destructor.
+  { auto dropped = t->SubmitBatch(b2); }
+  EXPECT_TRUE(t->Contains(segs[25].key));
+  ASSERT_TRUE(t->Sync().ok());
+  t.reset();
+  opened = DiskTier::Open(o);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  t = std::move(opened).value();
+  EXPECT_EQ(t->Recovery().corrupt_records, 0u);
+  EXPECT_EQ(t->Recovery().torn_tails, 0u);
+  for (size_t i = 0; i < 30; ++i) EXPECT_TRUE(t->Contains(segs[i].key)) << i;
+  for (size_t i = 30; i < 40; ++i) EXPECT_FALSE(t->Contains(segs[i].key)) << i;
+}
+
 TEST_P(FaultTest, DiskFullReturnsResourceExhaustedAndRecovers) {
   auto t = Open();
   fenv_->SetDiskBudget(20000);
