@@ -9,6 +9,7 @@
 // Read calls. A WritableFile must be used by one thread at a time.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -62,6 +63,20 @@ class WritableFile {
     KVAGENT_RETURN_IF_ERROR(Append(data));
     return uint64_t{0};
   }
+  // AppendAsync of several pieces written back to back with one gathering write: every piece's
+  // address and size a multiple of DirectIoGranularity(), the file offset and the total a multiple
+  // of DirectIoAlignment() (otherwise, and in the default, the pieces are appended one by one).
+  virtual StatusOr<uint64_t> AppendAsyncV(std::span<const std::span<const std::byte>> pieces) {
+    uint64_t id = 0;
+    for (const auto& p : pieces) {
+      KVAGENT_ASSIGN_OR_RETURN(uint64_t one, AppendAsync(p));
+      id = std::max(id, one);
+    }
+    return id;
+  }
+  // The finest alignment direct I/O accepts for AppendAsyncV's pieces (the device's logical block,
+  // often 512 bytes); a divisor of DirectIoAlignment().
+  virtual size_t DirectIoGranularity() const { return DirectIoAlignment(); }
   // Waits until append `id` and every asynchronous append queued before it have been written
   // (not synced); returns the first error among them. Sync and Close wait for every one.
   virtual Status WaitAsync(uint64_t id) {

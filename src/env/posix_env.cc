@@ -5,6 +5,7 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -60,15 +61,19 @@ class PosixRandomAccessFile final : public RandomAccessFile {
 };
 
 #ifdef KVAGENT_HAVE_URING
-// Writes queued on one O_DIRECT descriptor through an io_uring, in pieces of kPiece bytes with up
-// to kDepth pieces in flight, so the device always has work queued while the caller prepares
-// more. Appends are numbered by the caller (increasing ids); WaitFor(id) reaps completions until
-// every piece of every id <= id is done. A short completion is finished with pwrite; the first
-// error is kept and returned from then on. Not thread-safe (the owning file's caller serialises).
+// Writes queued on one O_DIRECT descriptor through an io_uring, as gathering writes (writev) of
+// up to kPiece bytes (4 MiB: on the development VM the device moved 1.2-1.3 GB/s while 4 MiB
+// requests were in flight against 0.9 GB/s with 1 MiB ones) and kMaxIov pieces each, with up to
+// kDepth in flight, so the device always has work queued while
+// the caller prepares more. Appends are numbered by the caller (increasing ids); WaitFor(id) reaps
+// completions until every request of every id <= id is done. A short completion is finished with
+// pwritev; the first error is kept and returned from then on. Not thread-safe (the owning file's
+// caller serialises).
 class AsyncWriter {
  public:
-  static constexpr size_t kPiece = size_t{1} << 20;
+  static constexpr size_t kPiece = size_t{4} << 20;
   static constexpr unsigned kDepth = 32;
+  static constexpr size_t kMaxIov = 256;
 
   // nullptr when the kernel refuses io_uring (old kernel, seccomp, io_uring_disabled).
   static std::unique_ptr<AsyncWriter> Create(int fd, const std::string& path) {
@@ -82,26 +87,25 @@ class AsyncWriter {
     if (ring_ok_) io_uring_queue_exit(&ring_);
   }
 
-  // Queues `n` bytes at `p` for file offset `offset` as append `id`.
-  Status Submit(uint64_t id, const std::byte* p, size_t n, uint64_t offset) {
-    for (size_t done = 0; done < n;) {
-      if (in_flight_ == kDepth) {  // hand the queued pieces over, then wait for one to finish
-        KVAGENT_RETURN_IF_ERROR(SubmitQueued());
-        KVAGENT_RETURN_IF_ERROR(ReapOne());
+  // Queues `pieces`, back to back from file offset `offset`, as append `id`.
+  Status Submit(uint64_t id, std::span<const std::span<const std::byte>> pieces, uint64_t offset) {
+    Request req;
+    req.id = id;
+    req.offset = offset;
+    for (std::span<const std::byte> piece : pieces) {
+      while (!piece.empty()) {
+        const size_t len = std::min(piece.size(), kPiece - req.bytes);
+        req.iov.push_back(iovec{const_cast<std::byte*>(piece.data()), len});
+        req.bytes += len;
+        piece = piece.subspan(len);
+        if (req.bytes == kPiece || req.iov.size() == kMaxIov) {
+          const uint64_t next = req.offset + req.bytes;
+          KVAGENT_RETURN_IF_ERROR(Queue(std::move(req)));
+          req = Request{id, next, {}, 0};
+        }
       }
-      io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-      if (sqe == nullptr) {  // the submission queue is full of queued pieces: hand them over
-        KVAGENT_RETURN_IF_ERROR(SubmitQueued());
-        continue;
-      }
-      const size_t len = std::min(kPiece, n - done);
-      size_t slot = AllocSlot(Piece{id, p + done, len, offset + done});
-      io_uring_prep_write(sqe, fd_, p + done, static_cast<unsigned>(len), offset + done);
-      io_uring_sqe_set_data64(sqe, slot);
-      ++in_flight_;
-      ++remaining_[id];
-      done += len;
     }
+    if (req.bytes > 0) KVAGENT_RETURN_IF_ERROR(Queue(std::move(req)));
     return SubmitQueued();
   }
 
@@ -111,23 +115,40 @@ class AsyncWriter {
   }
 
  private:
-  struct Piece {
-    uint64_t id;
-    const std::byte* p;
-    size_t n;
-    uint64_t offset;
+  struct Request {
+    uint64_t id = 0;
+    uint64_t offset = 0;
+    std::vector<iovec> iov;  // heap storage stays put while the request is in flight
+    size_t bytes = 0;
   };
   AsyncWriter(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
 
-  size_t AllocSlot(const Piece& piece) {
-    if (free_.empty()) {
-      slots_.push_back(piece);
-      return slots_.size() - 1;
+  Status Queue(Request req) {
+    for (;;) {
+      if (in_flight_ == kDepth) {  // hand the queued requests over, then wait for one to finish
+        KVAGENT_RETURN_IF_ERROR(SubmitQueued());
+        KVAGENT_RETURN_IF_ERROR(ReapOne());
+      }
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+      if (sqe != nullptr) {
+        ++remaining_[req.id];
+        ++in_flight_;
+        size_t slot;
+        if (free_.empty()) {
+          slots_.push_back(std::move(req));
+          slot = slots_.size() - 1;
+        } else {
+          slot = free_.back();
+          free_.pop_back();
+          slots_[slot] = std::move(req);
+        }
+        const Request& r = slots_[slot];
+        io_uring_prep_writev(sqe, fd_, r.iov.data(), static_cast<unsigned>(r.iov.size()), r.offset);
+        io_uring_sqe_set_data64(sqe, slot);
+        return Status::Ok();
+      }
+      KVAGENT_RETURN_IF_ERROR(SubmitQueued());  // the submission queue is full of queued requests
     }
-    size_t s = free_.back();
-    free_.pop_back();
-    slots_[s] = piece;
-    return s;
   }
   Status SubmitQueued() {
     int rc = io_uring_submit(&ring_);
@@ -147,25 +168,46 @@ class AsyncWriter {
     const int res = cqe->res;
     io_uring_cqe_seen(&ring_, cqe);
     --in_flight_;
-    const Piece piece = slots_[slot];
+    Request req = std::move(slots_[slot]);
     free_.push_back(slot);
     if (res < 0) {
       Fail(ErrnoToStatus(-res, "write (O_DIRECT, io_uring) " + path_)).IgnoreError();
-    } else if (static_cast<size_t>(res) < piece.n) {
-      // Short: the rest synchronously (a full disk then reports ENOSPC).
-      for (size_t done = static_cast<size_t>(res); done < piece.n && error_.ok();) {
-        ssize_t w = ::pwrite(fd_, piece.p + done, piece.n - done, static_cast<off_t>(piece.offset + done));
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-          Fail(ErrnoToStatus(w < 0 ? errno : ENOSPC, "write (O_DIRECT) " + path_)).IgnoreError();
-          break;
-        }
-        done += static_cast<size_t>(w);
-      }
+    } else if (static_cast<size_t>(res) < req.bytes) {
+      FinishShort(&req, static_cast<size_t>(res));
     }
-    auto it = remaining_.find(piece.id);
+    auto it = remaining_.find(req.id);
     if (it != remaining_.end() && --it->second == 0) remaining_.erase(it);
     return Status::Ok();
+  }
+  // The rest of a request the kernel wrote only `done` bytes of, synchronously (a full disk then
+  // reports ENOSPC).
+  void FinishShort(Request* req, size_t done) {
+    size_t i = 0;
+    for (size_t skip = done; i < req->iov.size(); ++i) {
+      if (skip < req->iov[i].iov_len) {
+        req->iov[i].iov_base = static_cast<std::byte*>(req->iov[i].iov_base) + skip;
+        req->iov[i].iov_len -= skip;
+        break;
+      }
+      skip -= req->iov[i].iov_len;
+    }
+    while (done < req->bytes && error_.ok()) {
+      ssize_t w = ::pwritev(fd_, req->iov.data() + i, static_cast<int>(req->iov.size() - i),
+                            static_cast<off_t>(req->offset + done));
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        Fail(ErrnoToStatus(w < 0 ? errno : ENOSPC, "write (O_DIRECT) " + path_)).IgnoreError();
+        return;
+      }
+      done += static_cast<size_t>(w);
+      for (size_t left = static_cast<size_t>(w); i < req->iov.size() && left > 0;) {
+        const size_t take = std::min(left, req->iov[i].iov_len);
+        req->iov[i].iov_base = static_cast<std::byte*>(req->iov[i].iov_base) + take;
+        req->iov[i].iov_len -= take;
+        left -= take;
+        if (req->iov[i].iov_len == 0) ++i;
+      }
+    }
   }
   Status Fail(Status s) {
     if (error_.ok()) error_ = s;
@@ -177,9 +219,9 @@ class AsyncWriter {
   io_uring ring_{};
   bool ring_ok_ = false;
   unsigned in_flight_ = 0;
-  std::vector<Piece> slots_;
+  std::vector<Request> slots_;
   std::vector<size_t> free_;
-  std::map<uint64_t, unsigned> remaining_;  // id -> pieces still in flight
+  std::map<uint64_t, unsigned> remaining_;  // id -> requests still in flight
   Status error_;
 };
 #endif  // KVAGENT_HAVE_URING
@@ -215,26 +257,35 @@ class PosixWritableFile final : public WritableFile {
     return WriteAtEnd(fd_, data, "write ");
   }
   StatusOr<uint64_t> AppendAsync(std::span<const std::byte> data) override {
-#ifdef KVAGENT_HAVE_URING
+    return AppendAsyncV(std::span<const std::span<const std::byte>>(&data, 1));
+  }
+  StatusOr<uint64_t> AppendAsyncV(std::span<const std::span<const std::byte>> pieces) override {
     if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
     KVAGENT_RETURN_IF_ERROR(async_error_);
-    if (dfd_ >= 0 && !data.empty() && data.size() % kBlock == 0 && size_ % kBlock == 0 &&
-        reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0) {
+#ifdef KVAGENT_HAVE_URING
+    uint64_t total = 0;
+    bool aligned = dfd_ >= 0 && size_ % kBlock == 0;
+    for (const auto& p : pieces) {
+      total += p.size();
+      aligned = aligned && !p.empty() && p.size() % granularity_ == 0 &&
+                reinterpret_cast<uintptr_t>(p.data()) % granularity_ == 0;
+    }
+    if (aligned && total % kBlock == 0) {
       if (!async_tried_) {
         async_tried_ = true;
         async_ = AsyncWriter::Create(dfd_, path_);
       }
       if (async_) {
         const uint64_t id = ++async_last_;
-        Status s = async_->Submit(id, data.data(), data.size(), size_);
-        size_ += data.size();
+        Status s = async_->Submit(id, pieces, size_);
+        size_ += total;
         if (!s.ok()) async_error_ = s;
         KVAGENT_RETURN_IF_ERROR(s);
         return id;
       }
     }
 #endif
-    KVAGENT_RETURN_IF_ERROR(Append(data));
+    for (const auto& p : pieces) KVAGENT_RETURN_IF_ERROR(Append(p));
     return uint64_t{0};
   }
   Status WaitAsync(uint64_t id) override {
@@ -270,12 +321,21 @@ class PosixWritableFile final : public WritableFile {
   }
   uint64_t Size() const override { return size_; }
   size_t DirectIoAlignment() const override { return dfd_ >= 0 ? kBlock : 0; }
+  size_t DirectIoGranularity() const override { return dfd_ >= 0 ? granularity_ : 0; }
 
   // Adds the O_DIRECT descriptor. EINVAL (InvalidArgument) where the file system refuses O_DIRECT.
   Status EnableDirectIo() {
     int dfd = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC | O_DIRECT);
     if (dfd < 0) return ErrnoToStatus(errno, "open (O_DIRECT) " + path_);
     dfd_ = dfd;
+#ifdef STATX_DIOALIGN
+    // The device's real requirement (often 512-byte sectors) for the pieces of AppendAsyncV.
+    struct statx st;
+    if (::statx(dfd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) == 0 && (st.stx_mask & STATX_DIOALIGN) != 0) {
+      const size_t g = std::max<size_t>(st.stx_dio_mem_align, st.stx_dio_offset_align);
+      if (g != 0 && kBlock % g == 0) granularity_ = g;
+    }
+#endif
     return Status::Ok();
   }
 
@@ -301,8 +361,9 @@ class PosixWritableFile final : public WritableFile {
   int fd_;   // buffered
   int dfd_;  // O_DIRECT, or -1
   uint64_t size_;
-  uint64_t async_last_ = 0;  // id of the last asynchronous append
-  Status async_error_;       // a failed asynchronous append: no more appends
+  size_t granularity_ = kBlock;  // direct-I/O alignment of AppendAsyncV's pieces
+  uint64_t async_last_ = 0;      // id of the last asynchronous append
+  Status async_error_;           // a failed asynchronous append: no more appends
 #ifdef KVAGENT_HAVE_URING
   bool async_tried_ = false;
   std::unique_ptr<AsyncWriter> async_;

@@ -176,6 +176,14 @@ Status DiskTierImpl::AppendLocked(std::span<const AppendPiece> pieces, uint64_t*
   Status s;
   for (const AppendPiece& p : pieces) {
     offsets->push_back(active_->Size());
+    if (!p.gather.empty()) {
+      auto id = async_id != nullptr ? active_->AppendAsyncV(p.gather) : StatusOr<uint64_t>(uint64_t{0});
+      s = id.status();
+      if (s.ok() && async_id != nullptr && *id != 0) *async_id = *id;
+      for (size_t g = 0; s.ok() && async_id == nullptr && g < p.gather.size(); ++g) s = active_->Append(p.gather[g]);
+      if (!s.ok()) break;
+      continue;
+    }
     const uint64_t pad = p.record_len - p.prefix.size() - p.payload.size();
     s = active_->Append(p.prefix);
     std::span<const std::byte> payload = p.payload;
@@ -304,52 +312,77 @@ Status DiskTierImpl::PutBatch(std::span<const Segment* const> segments, size_t* 
   return FinishBatch(SubmitBatch(segments), written);
 }
 
-Status DiskTierImpl::CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets,
-                                    AlignedBuffer* buffer) {
+Status DiskTierImpl::CoalesceLocked(size_t block, std::span<Prepared> recs, std::vector<AppendPiece>* pieces,
+                                    std::vector<uint64_t>* offsets, Chunk* c) {
   offsets->clear();
-  if (block == 0 || block > kDirectBlock || pieces->size() < 2) return Status::Ok();
+  if (block == 0 || block > kDirectBlock || recs.size() < 2) return Status::Ok();
   uint64_t total = 0;
-  for (const AppendPiece& p : *pieces) {
+  for (const Prepared& p : recs) {
     if (p.payload.size() >= kCoalesceMaxPayload) return Status::Ok();  // written on its own
-    total += p.record_len;
+    total += p.rec.header.record_len;
   }
   if (total < kCoalesceMinBytes) return Status::Ok();
-  // Room for the records and both paddings in this file, so the offsets below stay true.
-  KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(total + 2 * kMaxPaddingRecord));
+  const size_t gran = active_->DirectIoGranularity();
+  const bool zero_copy_ok = gran != 0 && gran <= block && block % gran == 0;
+  // Room for the records, their payload padding and both padding records in this file, so the
+  // offsets below stay true.
+  const uint64_t room = total + recs.size() * block + 2 * kMaxPaddingRecord;
+  KVAGENT_RETURN_IF_ERROR(EnsureActiveLocked(room));
   const uint64_t start = active_->Size();
   const uint64_t lead = PaddingTo(start, block);
-  const uint64_t tail = PaddingTo(start + lead + total, block);
-  const uint64_t len = total + tail;
-  if (buffer->capacity < len && !spare_buffers_.empty()) {
-    *buffer = std::move(spare_buffers_.back());
+  AlignedBuffer& buffer = c->buffer;
+  if (buffer.capacity < room && !spare_buffers_.empty()) {
+    buffer = std::move(spare_buffers_.back());
     spare_buffers_.pop_back();
   }
-  if (buffer->capacity < len) {
+  if (buffer.capacity < room) {
     // One size for every ordinary batch (the store's are up to 4 MiB), so buffers are reused
     // instead of mapped and faulted in anew.
-    const uint64_t cap = std::max<uint64_t>((len + kDirectBlock - 1) / kDirectBlock * kDirectBlock, kCoalesceBufferBytes);
-    buffer->data.reset(static_cast<std::byte*>(std::aligned_alloc(kDirectBlock, cap)));
-    buffer->capacity = buffer->data ? cap : 0;
-    if (!buffer->data) return Status::Ok();  // no memory for it: write the records one by one
+    const uint64_t cap = std::max<uint64_t>((room + kDirectBlock - 1) / kDirectBlock * kDirectBlock, kCoalesceBufferBytes);
+    buffer.data.reset(static_cast<std::byte*>(std::aligned_alloc(kDirectBlock, cap)));
+    buffer.capacity = buffer.data ? cap : 0;
+    if (!buffer.data) return Status::Ok();  // no memory for it: write the records one by one
   }
-  std::byte* out = buffer->data.get();
-  uint64_t at = 0;
-  for (const AppendPiece& p : *pieces) {
+  // From here on nothing fails: records are re-padded in place.
+  std::byte* out = buffer.data.get();
+  uint64_t used = 0;       // bytes copied into the buffer
+  uint64_t run_start = 0;  // where the copied bytes not yet in c->gather begin
+  uint64_t at = start + lead;
+  c->gather.clear();
+  auto copy = [&](std::span<const std::byte> bytes) {
+    std::memcpy(out + used, bytes.data(), bytes.size());
+    used += bytes.size();
+  };
+  auto end_run = [&] {
+    if (used > run_start) c->gather.emplace_back(out + run_start, used - run_start);
+    run_start = used;
+  };
+  for (Prepared& p : recs) {
+    const bool zero_copy = zero_copy_ok && p.payload.size() >= block && p.payload.size() % gran == 0 &&
+                           reinterpret_cast<uintptr_t>(p.payload.data()) % gran == 0;
+    // The payload then starts (and, its size being a multiple of gran, ends) on a gran boundary.
+    if (zero_copy) PadPayloadToBlock(&p.rec, at, static_cast<uint32_t>(gran));
+    const RecordHeader& h = p.rec.header;
     offsets->push_back(at);
-    std::memcpy(out + at, p.prefix.data(), p.prefix.size());
-    std::memcpy(out + at + p.prefix.size(), p.payload.data(), p.payload.size());
-    const uint64_t used = p.prefix.size() + p.payload.size();
-    std::memset(out + at + used, 0, p.record_len - used);
-    at += p.record_len;
+    copy(AsBytes(p.rec.prefix));
+    if (zero_copy) {
+      end_run();
+      c->gather.push_back(p.payload);
+    } else {
+      copy(p.payload);
+      const uint64_t pad = h.record_len - h.payload_offset - h.payload_len;
+      std::memset(out + used, 0, pad);
+      used += pad;
+    }
+    at += h.record_len;
   }
-  if (tail > 0) {
-    EncodedRecord pad = BuildPadding(tail);
-    std::memcpy(out + at, pad.prefix.data(), tail);
-  }
+  const uint64_t tail = PaddingTo(at, block);
+  if (tail > 0) copy(AsBytes(BuildPadding(tail).prefix));
+  end_run();
   coalesce_lead_ = lead > 0 ? BuildPadding(lead).prefix : std::string();
   pieces->clear();
   if (lead > 0) pieces->push_back(AppendPiece{AsBytes(coalesce_lead_), {}, lead});
-  pieces->push_back(AppendPiece{{}, std::span<const std::byte>(out, len), len});
+  pieces->push_back(AppendPiece{{}, {}, at + tail - (start + lead), c->gather});
   return Status::Ok();
 }
 
@@ -447,22 +480,14 @@ void DiskTierImpl::SubmitLocked(Ticket* t) {
     c.last = j;
     std::vector<uint64_t> record_offsets;
     uint64_t no = 0;
-    s = CoalesceLocked(block, &pieces, &record_offsets, &c.buffer);
+    s = CoalesceLocked(block, std::span<Prepared>(t->prep).subspan(i, j - i), &pieces, &record_offsets, &c);
     if (t->failed) return;
     if (s.ok()) s = AppendLocked(pieces, &no, &offsets, &c.async_id);
     if (!s.ok()) return t->Fail(s);
     c.file_no = no;
     c.start = offsets.front();
     c.async = c.async_id != 0;
-    if (record_offsets.empty()) {
-      record_offsets = offsets;
-    } else {
-      // Coalesced: [leading padding], one block-aligned buffer; records sit at known distances
-      // from that buffer's start.
-      const uint64_t base = offsets.back();
-      for (uint64_t& o : record_offsets) o += base;
-    }
-    c.offsets = std::move(record_offsets);
+    c.offsets = record_offsets.empty() ? offsets : std::move(record_offsets);
     ++t->outstanding;
     chunks_.push_back(std::move(c));
     i = j;
@@ -494,7 +519,7 @@ void DiskTierImpl::CompleteLocked(const Ticket* t) {
       RollbackActiveLocked(c.file_no, c.start);
     }
     --owner->outstanding;
-    if (c.buffer.data && spare_buffers_.size() < 4) spare_buffers_.push_back(std::move(c.buffer));
+    if (c.buffer.data && spare_buffers_.size() < kSpareBuffers) spare_buffers_.push_back(std::move(c.buffer));
   }
 }
 

@@ -89,7 +89,8 @@ class DiskTierImpl final : public DiskTier {
     bool async = false;             // some of it was appended asynchronously
     Status io;                      // the writes' result once waited for
     bool cut = false;               // cut back with an earlier failed chunk
-    AlignedBuffer buffer;           // coalesced records, kept until written
+    AlignedBuffer buffer;           // coalesced records' copied bytes, kept until written
+    std::vector<std::span<const std::byte>> gather;  // the coalesced records' pieces
   };
 
   explicit DiskTierImpl(const DiskTierOptions& options);
@@ -121,6 +122,9 @@ class DiskTierImpl final : public DiskTier {
     std::span<const std::byte> prefix;
     std::span<const std::byte> payload;
     uint64_t record_len;
+    // Instead of prefix and payload: record_len bytes in these pieces, appended with one
+    // gathering direct write where the file allows (WritableFile::AppendAsyncV).
+    std::span<const std::span<const std::byte>> gather = {};
   };
   // Appends the records back to back to the active file (rolled over first if they do not
   // fit), makes them visible to readers and, with options.sync, durable. All or nothing: on any
@@ -133,14 +137,16 @@ class DiskTierImpl final : public DiskTier {
   Status AppendLocked(std::span<const AppendPiece> pieces, uint64_t* file_no, std::vector<uint64_t>* offsets,
                       uint64_t* async_id = nullptr);
   Status EnsureActiveLocked(uint64_t record_len);
-  // Direct I/O for a batch of small records: when `pieces` (one per record, every payload below
-  // kCoalesceMaxPayload) add up to kCoalesceMinBytes or more, replaces them with [padding to the next block
-  // boundary,] one block-aligned buffer holding the records and a trailing padding record, so
-  // the file writes the buffer with O_DIRECT; *offsets then holds each record's offset from the
-  // buffer's start. Otherwise leaves `pieces` alone and *offsets empty.
-  // The buffer comes from a small pool and goes to `buffer` (kept until the write is done).
-  Status CoalesceLocked(size_t block, std::vector<AppendPiece>* pieces, std::vector<uint64_t>* offsets,
-                        AlignedBuffer* buffer);
+  // Direct I/O for a batch of small records: when `recs` (every payload below
+  // kCoalesceMaxPayload) add up to kCoalesceMinBytes or more, replaces `pieces` with [padding to
+  // the next block boundary,] one gathering piece that holds the records and a trailing padding
+  // record and ends on a block boundary. A payload whose memory and size are multiples of the
+  // file's DirectIoGranularity() is written from the segment's memory (its record padded so the
+  // payload starts on such a boundary in the file); everything else (headers, metadata, other
+  // payloads, padding) is copied into c->buffer (from a small pool, kept until the write is done).
+  // *offsets then holds each record's file offset. Otherwise leaves `pieces` alone and *offsets empty.
+  Status CoalesceLocked(size_t block, std::span<Prepared> recs, std::vector<AppendPiece>* pieces,
+                        std::vector<uint64_t>* offsets, Chunk* c);
   // Opens the active segment file (direct I/O when options.direct_io).
   StatusOr<std::unique_ptr<WritableFile>> OpenActiveLocked(const std::string& path, bool truncate);
   // Cuts file `file_no` back to `old_size` (closing it if active, after its asynchronous appends)
@@ -199,8 +205,9 @@ class DiskTierImpl final : public DiskTier {
   // asynchronous writeback beat one synchronous direct write per batch (docs/benchmarks.md).
   static constexpr uint64_t kCoalesceMinBytes = 1 << 20;
   static constexpr uint64_t kCoalesceMaxPayload = 256 << 10;
+  static constexpr size_t kSpareBuffers = 8;  // as many as the store's writer has batches in flight
   static constexpr uint64_t kCoalesceBufferBytes = (4 << 20) + (256 << 10) + 2 * kMaxPaddingRecord;
-  std::vector<AlignedBuffer> spare_buffers_;  // coalescing buffers for reuse (a few)
+  std::vector<AlignedBuffer> spare_buffers_;  // coalescing buffers for reuse (up to kSpareBuffers)
   std::string coalesce_lead_;
   std::deque<Chunk> chunks_;  // submitted, not yet published
   uint64_t active_no_ = 0;  // 0: no file open for appending
