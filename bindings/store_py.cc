@@ -149,6 +149,7 @@ nb::dict TierDict(const TierStats& t, bool disk) {
   d["capacity_bytes"] = t.capacity_bytes;
   if (disk) {
     d["file_bytes"] = t.file_bytes;
+    d["pooled_bytes"] = t.pooled_bytes;
     d["corrupt_records"] = t.corrupt_records;
   }
   return d;

@@ -43,6 +43,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -133,6 +134,13 @@ class DiskTier {
   virtual Status FinishBatch(std::unique_ptr<WriteTicket> ticket, size_t* written);
   // Reads and verifies the record; FailedPrecondition if it was produced by another model.
   virtual StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) = 0;
+  // Get with the payload read into a buffer from `allocate` (called with the payload size; e.g.
+  // the host tier's recycling pool, so large reads do not fault in fresh memory every time).
+  using PayloadAllocator = std::function<StatusOr<std::shared_ptr<Buffer>>(size_t)>;
+  virtual StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model, const PayloadAllocator& allocate) {
+    (void)allocate;
+    return Get(key, model);
+  }
   // Reads the decoded payload straight into `dst` (dst.size() == payload bytes, else
   // InvalidArgument); with the raw codec there is no intermediate copy. Checks the payload
   // checksum but not the metadata (use Get for the full record).

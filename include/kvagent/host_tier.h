@@ -7,7 +7,8 @@
 // segment whose payload the caller promises nobody will mutate (e.g. one just read from disk)
 // without copying.
 //
-// Buffer recycling: payload buffers of at least 64 KiB made by OwnedCopy return, when their
+// Buffer recycling: payload buffers of at least 64 KiB made by OwnedCopy (or lent by LendBuffer,
+// e.g. for a segment read from disk) return, when their
 // last handle drops, to a pool of idle buffers keyed by exact size, and are reused by the next
 // copy of that size. Fresh allocations of large buffers cost page faults (and pinned
 // allocations cost far more), which otherwise halve Put throughput at steady-state eviction.
@@ -66,6 +67,9 @@ class HostTier {
   // memcpy of a Put). Does not insert it. InvalidArgument if the segment is invalid;
   // ResourceExhausted if memory cannot be had.
   StatusOr<SegmentHandle> OwnedCopy(const Segment& segment);
+  // A payload buffer of exactly `size` bytes from the recycling pool (fresh when none is idle);
+  // it returns to the pool when its last handle drops. ResourceExhausted without memory.
+  StatusOr<std::shared_ptr<Buffer>> LendBuffer(size_t size);
 
   // Validates `segment`, copies it (OwnedCopy) and inserts the copy, replacing an existing
   // key. Returns the stored handle. InvalidArgument for an invalid segment; ResourceExhausted

@@ -45,6 +45,7 @@ struct TierStats {
   uint64_t capacity_bytes = 0;   // 0 = unbounded
   uint64_t file_bytes = 0;       // disk only: bytes in segment files, live + dead
   uint64_t corrupt_records = 0;  // disk only: records found corrupt and skipped
+  uint64_t pooled_bytes = 0;     // host only: idle payload buffers kept for reuse (not in bytes)
 };
 
 struct StoreStats {

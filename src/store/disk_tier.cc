@@ -644,11 +644,15 @@ void DiskTierImpl::Quarantine(const Hash128& key, const RecordLocation& loc, con
 }
 
 StatusOr<SegmentHandle> DiskTierImpl::Get(const Hash128& key, const Hash128& model) {
+  return Get(key, model, [](size_t n) { return Buffer::Allocate(n); });
+}
+
+StatusOr<SegmentHandle> DiskTierImpl::Get(const Hash128& key, const Hash128& model, const PayloadAllocator& allocate) {
   KVAGENT_ASSIGN_OR_RETURN(ReadTicket t, TicketFor(key, &model));
   auto seg = std::make_shared<Segment>();
   Status s = ReadMeta(t, seg.get());
   if (s.ok()) {
-    auto buf = Buffer::Allocate(t.info.payload_bytes);
+    auto buf = allocate(t.info.payload_bytes);
     if (!buf.ok()) return buf.status();
     seg->payload = std::move(buf).value();
     s = ReadPayloadInto(t, seg->payload->span());

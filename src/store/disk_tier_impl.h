@@ -30,6 +30,7 @@ class DiskTierImpl final : public DiskTier {
   std::unique_ptr<WriteTicket> SubmitBatch(std::span<const Segment* const> segments) override;
   Status FinishBatch(std::unique_ptr<WriteTicket> ticket, size_t* written) override;
   StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model) override;
+  StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model, const PayloadAllocator& allocate) override;
   Status ReadPayload(const Hash128& key, const Hash128& model, std::span<std::byte> dst) override;
   StatusOr<SegmentInfo> Info(const Hash128& key) override;
   bool Contains(const Hash128& key) override;

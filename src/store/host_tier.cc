@@ -93,6 +93,8 @@ uint64_t HostTier::ChargeOf(const Segment& s) {
          s.summary.size() + m.ns.size() + m.agent.size() + m.session.size() + m.role.size() + m.text.size();
 }
 
+StatusOr<std::shared_ptr<Buffer>> HostTier::LendBuffer(size_t size) { return pool_->Lend(size); }
+
 StatusOr<SegmentHandle> HostTier::OwnedCopy(const Segment& segment) {
   KVAGENT_RETURN_IF_ERROR(segment.Validate());
   auto copy = std::make_shared<Segment>();
@@ -233,6 +235,7 @@ TierStats HostTier::Stats() const {
   s.segments = map_.size();
   s.bytes = bytes_;
   s.capacity_bytes = capacity_;
+  s.pooled_bytes = pool_->bytes();
   return s;
 }
 

@@ -360,7 +360,8 @@ StatusOr<SegmentHandle> TieredStore::ReadThroughLocked(const Hash128& key, const
     KVAGENT_RETURN_IF_ERROR(CheckFingerprint((*p)->model, model));
     return *p;
   }
-  KVAGENT_ASSIGN_OR_RETURN(SegmentHandle h, disk_->Get(key, model));
+  KVAGENT_ASSIGN_OR_RETURN(SegmentHandle h,
+                           disk_->Get(key, model, [this](size_t n) { return host_.LendBuffer(n); }));
   if (host_.Adopt(h).ok()) promotions_.fetch_add(1, std::memory_order_relaxed);
   return h;
 }

@@ -442,7 +442,9 @@ TEST(DiskTierDirectTest, LargeRecordsAreBlockAlignedAndRecover) {
     }
   }
   EXPECT_EQ(big_count, 6u);
-  if (DirectIoAvailable(o.dir)) EXPECT_EQ(aligned, big_count);
+  if (DirectIoAvailable(o.dir)) {
+    EXPECT_EQ(aligned, big_count);
+  }
 
   // The scan alone (no catalog) finds every record; compaction keeps them.
   std::filesystem::remove(o.dir + "/catalog.sqlite");

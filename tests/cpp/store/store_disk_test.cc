@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <set>
 #include <thread>
 
 #include "kvagent/env.h"
@@ -176,6 +177,37 @@ TEST(StoreDiskTest, DeletedKeyDoesNotComeBackAfterReopen) {
   auto c = opened.value()->Compact(nullptr);
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(opened.value()->List(SegmentFilter{}).size(), 3u);
+}
+
+// Segments read from disk get their payload buffers from the host tier's recycling pool: once
+// the small host tier evicts earlier reads, later reads reuse those buffers (no fresh memory to
+// fault in), and every read is still exact.
+TEST(StoreDiskTest, DiskReadsRecycleHostPayloadBuffers) {
+  testing::TempDir dir;
+  StoreOptions o;
+  o.path = dir.path();
+  const SegmentLayout big{2, 2, 64, 128, DType::kF32};  // 256 KiB payloads (pooled sizes)
+  o.host_capacity_bytes = 3 * big.NumBytes();
+  {
+    auto store = Store::Open(o);
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    for (uint64_t id = 0; id < 12; ++id) ASSERT_TRUE((*store)->Put(MakeSegment(TestKey(id), 1, big)).ok());
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  auto store = Store::Open(o);  // empty host tier: every Get below reads from disk
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  EXPECT_EQ((*store)->Stats().host.pooled_bytes, 0u);
+  for (int round = 0; round < 2; ++round) {
+    for (uint64_t id = 0; id < 12; ++id) {
+      auto got = (*store)->Get(TestKey(id), TestModel());
+      ASSERT_TRUE(got.ok()) << got.status().ToString();
+      EXPECT_EQ(CheckSegment(**got), "");
+    }
+  }
+  // Evicted reads went back to the pool (a fresh allocation would have been freed instead).
+  const StoreStats st = (*store)->Stats();
+  EXPECT_GE(st.host.evictions, 20u);
+  EXPECT_GE(st.host.pooled_bytes, big.NumBytes());
 }
 
 TEST(StoreDiskTest, SecondOpenOfSameDirectoryFailsUntilClose) {
