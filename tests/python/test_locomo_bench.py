@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+pytest.importorskip("nltk")  # the LoCoMo scoring rules stem with nltk (absent on the GPU image)
 from kv_agent.bench.locomo_bench import ALL_SYSTEMS, BenchConfig, run  # noqa: E402
 from kv_agent.bench.report import RECALL_KS  # noqa: E402
 
