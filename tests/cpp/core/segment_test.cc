@@ -2,6 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "kvagent/model_spec.h"
 
 namespace kvagent {
@@ -88,6 +93,21 @@ TEST(Buffer, WrapReleasesOnce) {
     EXPECT_EQ(copy->size(), 16u);
   }
   EXPECT_EQ(released, 1);
+}
+
+// The default allocator's alignment classes: 64 bytes, a page from 64 KiB (direct I/O straight
+// from segment memory), 2 MiB from 4 MiB (transparent huge pages); every byte is usable.
+TEST(Buffer, AllocateAlignsBySize) {
+  if (std::string(Buffer::HostAllocatorName()) != "aligned") GTEST_SKIP() << "another host allocator is installed";
+  for (const auto& [size, align] : std::vector<std::pair<size_t, size_t>>{
+           {100, 64}, {64 << 10, 4096}, {(1 << 20) + 3, 4096}, {4 << 20, 2 << 20}, {(5 << 20) + 1, 2 << 20}}) {
+    auto b = Buffer::Allocate(size);
+    ASSERT_TRUE(b.ok());
+    EXPECT_EQ(reinterpret_cast<uintptr_t>((*b)->data()) % align, 0u) << size;
+    EXPECT_EQ((*b)->size(), size);
+    std::memset((*b)->data(), 0x5a, size);
+    EXPECT_EQ((*b)->data()[size - 1], std::byte{0x5a});
+  }
 }
 
 }  // namespace
