@@ -154,9 +154,8 @@ Status TieredStore::Put(SegmentHandle segment) {
 Status TieredStore::WaitForSlotLocked(std::unique_lock<std::mutex>& lock) {
   for (;;) {
     if (closing_) return ClosedError();
-    // Segments the writer has taken (at most two batches, one being written and one being
-    // submitted) do not count: the queue refills while the device writes, so the next batch is
-    // a full one.
+    // Segments the writer has taken (the batches in flight: at most 8, 64 MiB) do not count: the
+    // queue refills while the device writes, so the next batch is a full one.
     if (queue_.size() + failed_count_ < options_.write_queue_limit) return Status::Ok();
     if (failed_count_ > 0)
       return UnavailableError("write-behind queue is full of failed disk writes (" + std::to_string(failed_count_) +

@@ -230,8 +230,8 @@ TEST(StoreWriteBehindTest, SlowDiskThrottlesPutsToDiskSpeed) {
   const auto t0 = std::chrono::steady_clock::now();
   for (uint64_t id = 0; id < 10; ++id) ASSERT_TRUE(h.store()->Put(MakeSegment(id, 1)).ok());
   const auto put_time = std::chrono::steady_clock::now() - t0;
-  // 10 puts; when the last returns at most 2 are queued and 2 taken by the writer (the batch
-  // being written and the one being submitted): >= 6 writes done.
+  // 10 puts; when the last returns at most 2 are queued and 2 taken by the writer (the fake tier
+  // writes in SubmitBatch, so one batch is being written, the next waits for it): >= 6 done.
   EXPECT_GE(put_time, 6 * 20ms);
   EXPECT_LE(h.store()->Stats().write_queue_depth, 2u);
   ASSERT_TRUE(h.store()->Flush().ok());
