@@ -21,6 +21,10 @@
 //   DiskGet/<size>         every segment read once from a reopened store (empty host tier) after
 //                          the page cache was dropped for all files in the directory (same
 //                          method), so the reads come from the device.
+//   DiskPutPaired/<size>, DiskGetPaired/<size>  the same Puts (sync 0, direct I/O) and Gets, each
+//                          iteration right after its own limit measurement (write: the faster of
+//                          the buffered and the direct sequential write; read: the sequential
+//                          read), with counters limit_GBps and ratio = store / limit.
 //
 // Directory: $KVAGENT_BENCH_DIR or /tmp. Counter GBps = 1e9 bytes per second.
 #include <benchmark/benchmark.h>
@@ -167,69 +171,85 @@ void DropCacheDir(const std::string& dir) {
     if (e.is_regular_file()) DropCache(e.path().string());
 }
 
+double Seconds(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// One 256 MiB sequential write of `path` then fdatasync, buffered (1 MiB pwrites) or O_DIRECT
+// (16 MiB pwrites from distinct page-aligned memory); seconds, or a negative value where the
+// file system refuses O_DIRECT.
+double SeqWriteSeconds(const std::string& path, bool direct) {
+  static std::byte* data = [] {
+    auto* d = static_cast<std::byte*>(std::aligned_alloc(4096, kWorkingSet));
+    if (d == nullptr) std::abort();
+    for (size_t i = 0; i < kWorkingSet; ++i) d[i] = static_cast<std::byte>(i * 131 + (i >> 12));
+    return d;
+  }();
+  const size_t chunk = direct ? (16u << 20) : (1u << 20);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | (direct ? O_DIRECT : 0), 0644);
+  if (fd < 0) {
+    if (direct) return -1;
+    std::abort();
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  for (size_t off = 0; off < kWorkingSet; off += chunk) {
+    const std::byte* src = direct ? data + off : data;  // buffered: the same hot 1 MiB, as dd does
+    if (::pwrite(fd, src, chunk, static_cast<off_t>(off)) != static_cast<ssize_t>(chunk)) std::abort();
+  }
+  ::fdatasync(fd);
+  const double t = Seconds(t0);
+  ::close(fd);
+  return t;
+}
+
+// The write limit: the faster of the buffered and the direct sequential write, in GB/s.
+double WriteLimitGBps(const std::string& path) {
+  const double buffered = SeqWriteSeconds(path, false);
+  const double direct = SeqWriteSeconds(path, true);
+  ::unlink(path.c_str());
+  const double best = direct > 0 ? std::min(buffered, direct) : buffered;
+  return static_cast<double>(kWorkingSet) / best / 1e9;
+}
+
+// One sequential read of `path` (1 MiB preads) after dropping it from the page cache; seconds.
+double SeqReadSeconds(const std::string& path) {
+  static std::vector<std::byte> chunk(1 << 20);
+  DropCache(path);
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) std::abort();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (size_t off = 0; off < kWorkingSet; off += chunk.size())
+    if (::pread(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size()))
+      std::abort();
+  const double t = Seconds(t0);
+  ::close(fd);
+  return t;
+}
+
 void BM_DiskSeqWrite(benchmark::State& state) {
   const std::string path = BenchDir() + "/kvagent-bench-seq";
-  std::vector<std::byte> chunk(1 << 20, std::byte{0x5a});
-  for (auto _ : state) {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) std::abort();
-    const auto t0 = std::chrono::steady_clock::now();
-    for (size_t off = 0; off < kWorkingSet; off += chunk.size())
-      if (::pwrite(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size()))
-        std::abort();
-    ::fdatasync(fd);
-    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    ::close(fd);
-  }
+  for (auto _ : state) state.SetIterationTime(SeqWriteSeconds(path, false));
   SetRate(state, static_cast<double>(kWorkingSet) * state.iterations());
 }
 
 void BM_DiskSeqWriteDirect(benchmark::State& state) {
   const std::string path = BenchDir() + "/kvagent-bench-seq-direct";
-  constexpr size_t kChunk = 16 << 20;
-  std::byte* data = static_cast<std::byte*>(std::aligned_alloc(4096, kWorkingSet));
-  if (data == nullptr) std::abort();
-  for (size_t i = 0; i < kWorkingSet; ++i) data[i] = static_cast<std::byte>(i * 131 + (i >> 12));
   for (auto _ : state) {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0644);
-    if (fd < 0) {
+    const double t = SeqWriteSeconds(path, true);
+    if (t < 0) {
       state.SkipWithError("O_DIRECT not supported here");
       break;
     }
-    const auto t0 = std::chrono::steady_clock::now();
-    for (size_t off = 0; off < kWorkingSet; off += kChunk)
-      if (::pwrite(fd, data + off, kChunk, static_cast<off_t>(off)) != static_cast<ssize_t>(kChunk)) std::abort();
-    ::fdatasync(fd);
-    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    ::close(fd);
+    state.SetIterationTime(t);
   }
-  std::free(data);
   ::unlink(path.c_str());
   SetRate(state, static_cast<double>(kWorkingSet) * state.iterations());
 }
 
 void BM_DiskSeqRead(benchmark::State& state) {
   const std::string path = BenchDir() + "/kvagent-bench-seq";  // left by BM_DiskSeqWrite, else written here
-  std::vector<std::byte> chunk(1 << 20, std::byte{0x5a});
-  if (!std::filesystem::exists(path)) {  // e.g. a second repetition: the previous one removed it
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) std::abort();
-    for (size_t off = 0; off < kWorkingSet; off += chunk.size())
-      if (::pwrite(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size()))
-        std::abort();
-    ::close(fd);
-  }
-  for (auto _ : state) {
-    DropCache(path);
-    int fd = ::open(path.c_str(), O_RDONLY);
-    if (fd < 0) std::abort();
-    const auto t0 = std::chrono::steady_clock::now();
-    for (size_t off = 0; off < kWorkingSet; off += chunk.size())
-      if (::pread(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size()))
-        std::abort();
-    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    ::close(fd);
-  }
+  if (!std::filesystem::exists(path)) SeqWriteSeconds(path, false);  // e.g. a second repetition
+  for (auto _ : state) state.SetIterationTime(SeqReadSeconds(path));
   SetRate(state, static_cast<double>(kWorkingSet) * state.iterations());
   ::unlink(path.c_str());
 }
@@ -240,72 +260,125 @@ std::string FreshStoreDir(const char* tag, size_t size) {
   return dir;
 }
 
-void BM_DiskPut(benchmark::State& state) {
-  const size_t size = state.range(0);
-  const bool sync = state.range(1) != 0;
-  const bool direct = state.range(2) != 0;
-  const size_t n = kWorkingSet / size;
+// 256 MiB of distinct segments of `size` payload bytes (sharing one payload buffer).
+std::vector<std::shared_ptr<Segment>> Segments(size_t size) {
   auto proto = MakeSegment(size, 0);
   std::vector<std::shared_ptr<Segment>> segs;
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < kWorkingSet / size; ++i) {
     auto s = std::make_shared<Segment>(*proto);
     s->key = HashString("bench-" + std::to_string(i));
     segs.push_back(std::move(s));
   }
-  for (auto _ : state) {
-    const std::string dir = FreshStoreDir("put", size);
-    StoreOptions o;
-    o.path = dir;
-    o.sync = sync;
-    o.disk_direct_io = direct;
-    o.host_capacity_bytes = 64ull << 20;
-    auto store = Store::Open(o);
-    Check(store.status(), "open");
-    const auto t0 = std::chrono::steady_clock::now();
-    for (const auto& s : segs) Check(store.value()->Put(s), "put");
-    Check(store.value()->Flush(), "flush");
-    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    Check(store.value()->Close(), "close");
-    std::filesystem::remove_all(dir);
+  return segs;
+}
+
+StoreOptions DiskStoreOptions(const std::string& dir, bool sync, bool direct) {
+  StoreOptions o;
+  o.path = dir;
+  o.sync = sync;
+  o.disk_direct_io = direct;
+  o.host_capacity_bytes = 64ull << 20;
+  return o;
+}
+
+// Write-behind Puts of `segs` into an empty store plus Flush; seconds.
+double PutSeconds(const std::vector<std::shared_ptr<Segment>>& segs, size_t size, bool sync, bool direct) {
+  const std::string dir = FreshStoreDir("put", size);
+  auto store = Store::Open(DiskStoreOptions(dir, sync, direct));
+  Check(store.status(), "open");
+  const auto t0 = std::chrono::steady_clock::now();
+  for (const auto& s : segs) Check(store.value()->Put(s), "put");
+  Check(store.value()->Flush(), "flush");
+  const double t = Seconds(t0);
+  Check(store.value()->Close(), "close");
+  std::filesystem::remove_all(dir);
+  return t;
+}
+
+// A store directory holding `segs` (written once, synced, closed).
+std::string WrittenStore(const std::vector<std::shared_ptr<Segment>>& segs, size_t size) {
+  const std::string dir = FreshStoreDir("get", size);
+  auto store = Store::Open(DiskStoreOptions(dir, false, true));
+  Check(store.status(), "open");
+  for (const auto& s : segs) Check(store.value()->Put(s), "put");
+  Check(store.value()->Close(), "close");
+  return dir;
+}
+
+// Every segment read once from a reopened store (empty host tier) after the page cache was
+// dropped for its files; seconds.
+double GetSeconds(const std::string& dir, const std::vector<std::shared_ptr<Segment>>& segs) {
+  DropCacheDir(dir);
+  auto store = Store::Open(DiskStoreOptions(dir, false, true));
+  Check(store.status(), "open");
+  const auto t0 = std::chrono::steady_clock::now();
+  for (const auto& s : segs) {
+    auto got = store.value()->Get(s->key, s->model);
+    Check(got.status(), "get");
+    benchmark::DoNotOptimize(got.value().get());
   }
-  SetRate(state, static_cast<double>(n * size) * state.iterations());
+  const double t = Seconds(t0);
+  Check(store.value()->Close(), "close");
+  return t;
+}
+
+void BM_DiskPut(benchmark::State& state) {
+  const size_t size = state.range(0);
+  const auto segs = Segments(size);
+  for (auto _ : state) state.SetIterationTime(PutSeconds(segs, size, state.range(1) != 0, state.range(2) != 0));
+  SetRate(state, static_cast<double>(segs.size() * size) * state.iterations());
 }
 
 void BM_DiskGet(benchmark::State& state) {
   const size_t size = state.range(0);
-  const size_t n = kWorkingSet / size;
-  const std::string dir = FreshStoreDir("get", size);
-  StoreOptions o;
-  o.path = dir;
-  o.sync = false;
-  o.host_capacity_bytes = 64ull << 20;
-  auto proto = MakeSegment(size, 0);
-  std::vector<Hash128> keys;
-  {
-    auto store = Store::Open(o);
-    Check(store.status(), "open");
-    for (size_t i = 0; i < n; ++i) {
-      auto s = std::make_shared<Segment>(*proto);
-      s->key = HashString("bench-" + std::to_string(i));
-      keys.push_back(s->key);
-      Check(store.value()->Put(s), "put");
-    }
-    Check(store.value()->Close(), "close");
-  }
+  const auto segs = Segments(size);
+  const std::string dir = WrittenStore(segs, size);
+  for (auto _ : state) state.SetIterationTime(GetSeconds(dir, segs));
+  SetRate(state, static_cast<double>(segs.size() * size) * state.iterations());
+  std::filesystem::remove_all(dir);
+}
+
+// Paired: each iteration measures the limit right before the store does the same amount of
+// work, so both see the same device state (this VM's disk moves by 2x within minutes). Counters:
+// GBps (the store), limit_GBps and ratio = store / limit, both averaged over the iterations.
+void SetPaired(benchmark::State& state, double bytes, double limit_sum, double ratio_sum) {
+  SetRate(state, bytes);
+  const double n = static_cast<double>(state.iterations());
+  state.counters["limit_GBps"] = limit_sum / n;
+  state.counters["ratio"] = ratio_sum / n;
+}
+
+void BM_DiskPutPaired(benchmark::State& state) {
+  const size_t size = state.range(0);
+  const auto segs = Segments(size);
+  const std::string seq = BenchDir() + "/kvagent-bench-seq-paired";
+  double limit_sum = 0, ratio_sum = 0;
   for (auto _ : state) {
-    DropCacheDir(dir);
-    auto store = Store::Open(o);
-    Check(store.status(), "open");
-    const auto t0 = std::chrono::steady_clock::now();
-    for (const Hash128& k : keys) {
-      auto got = store.value()->Get(k, proto->model);
-      Check(got.status(), "get");
-      benchmark::DoNotOptimize(got.value().get());
-    }
-    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    Check(store.value()->Close(), "close");
+    const double limit = WriteLimitGBps(seq);
+    const double t = PutSeconds(segs, size, false, true);
+    state.SetIterationTime(t);
+    limit_sum += limit;
+    ratio_sum += static_cast<double>(kWorkingSet) / t / 1e9 / limit;
   }
-  SetRate(state, static_cast<double>(n * size) * state.iterations());
+  SetPaired(state, static_cast<double>(segs.size() * size) * state.iterations(), limit_sum, ratio_sum);
+}
+
+void BM_DiskGetPaired(benchmark::State& state) {
+  const size_t size = state.range(0);
+  const auto segs = Segments(size);
+  const std::string dir = WrittenStore(segs, size);
+  const std::string seq = BenchDir() + "/kvagent-bench-seq-paired";
+  SeqWriteSeconds(seq, false);
+  double limit_sum = 0, ratio_sum = 0;
+  for (auto _ : state) {
+    const double limit = static_cast<double>(kWorkingSet) / SeqReadSeconds(seq) / 1e9;
+    const double t = GetSeconds(dir, segs);
+    state.SetIterationTime(t);
+    limit_sum += limit;
+    ratio_sum += static_cast<double>(kWorkingSet) / t / 1e9 / limit;
+  }
+  SetPaired(state, static_cast<double>(segs.size() * size) * state.iterations(), limit_sum, ratio_sum);
+  ::unlink(seq.c_str());
   std::filesystem::remove_all(dir);
 }
 
@@ -323,6 +396,8 @@ BENCHMARK(BM_DiskPut)
     ->Iterations(2)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DiskGet)->KV_SIZES->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DiskPutPaired)->KV_SIZES->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DiskGetPaired)->KV_SIZES->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace kvagent
