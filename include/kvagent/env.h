@@ -31,6 +31,18 @@ class RandomAccessFile {
   virtual Status Read(uint64_t offset, std::span<std::byte> dst, size_t* bytes_read) const = 0;
   // Current size of the file in bytes.
   virtual StatusOr<uint64_t> Size() const = 0;
+  // Read of consecutive bytes from `offset` into several buffers in turn (POSIX: one preadv);
+  // *bytes_read as in Read. The default reads them one after the other.
+  virtual Status ReadV(uint64_t offset, std::span<const std::span<std::byte>> dsts, size_t* bytes_read) const {
+    *bytes_read = 0;
+    for (std::span<std::byte> d : dsts) {
+      size_t n = 0;
+      KVAGENT_RETURN_IF_ERROR(Read(offset + *bytes_read, d, &n));
+      *bytes_read += n;
+      if (n < d.size()) break;
+    }
+    return Status::Ok();
+  }
 };
 
 // A file opened for appending. Data is durable only after Sync() returns OK.

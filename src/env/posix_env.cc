@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -53,6 +54,36 @@ class PosixRandomAccessFile final : public RandomAccessFile {
     struct stat st;
     if (::fstat(fd_, &st) != 0) return ErrnoToStatus(errno, "fstat " + path_);
     return static_cast<uint64_t>(st.st_size);
+  }
+
+  Status ReadV(uint64_t offset, std::span<const std::span<std::byte>> dsts, size_t* bytes_read) const override {
+    std::vector<iovec> iov;
+    size_t want = 0;
+    for (std::span<std::byte> d : dsts) {
+      if (!d.empty()) iov.push_back(iovec{d.data(), d.size()});
+      want += d.size();
+    }
+    size_t done = 0, i = 0;
+    while (done < want && i < iov.size()) {
+      ssize_t r = ::preadv(fd_, iov.data() + i, static_cast<int>(std::min<size_t>(iov.size() - i, IOV_MAX)),
+                           static_cast<off_t>(offset + done));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        *bytes_read = done;
+        return ErrnoToStatus(errno, "preadv " + path_);
+      }
+      if (r == 0) break;  // end of file
+      done += static_cast<size_t>(r);
+      for (size_t left = static_cast<size_t>(r); i < iov.size() && left > 0;) {  // skip what was read
+        const size_t take = std::min(left, iov[i].iov_len);
+        iov[i].iov_base = static_cast<std::byte*>(iov[i].iov_base) + take;
+        iov[i].iov_len -= take;
+        left -= take;
+        if (iov[i].iov_len == 0) ++i;
+      }
+    }
+    *bytes_read = done;
+    return Status::Ok();
   }
 
  private:

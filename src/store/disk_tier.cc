@@ -591,12 +591,8 @@ StatusOr<DiskTierImpl::ReadTicket> DiskTierImpl::TicketFor(const Hash128& key, c
   return ReadTicket{it->second.loc, it->second.info, f->second.reader};
 }
 
-Status DiskTierImpl::ReadMeta(const ReadTicket& t, Segment* seg) const {
-  std::string buf(t.loc.payload_offset, '\0');
-  auto dst = std::as_writable_bytes(std::span<char>(buf.data(), buf.size()));
-  size_t n = 0;
-  KVAGENT_RETURN_IF_ERROR(t.reader->Read(t.loc.offset, dst, &n));
-  if (n != buf.size()) return DataLossError("record truncated (header and metadata)");
+Status DiskTierImpl::ParseMeta(const ReadTicket& t, std::string_view buf, Segment* seg) const {
+  const auto dst = std::as_bytes(std::span<const char>(buf.data(), buf.size()));
   RecordHeader h;
   KVAGENT_RETURN_IF_ERROR(DecodeHeader(dst, &h));
   if (h.kind != RecordKind::kSegment || h.key != t.info.key || h.model != t.info.model ||
@@ -615,6 +611,10 @@ Status DiskTierImpl::ReadMeta(const ReadTicket& t, Segment* seg) const {
 }
 
 Status DiskTierImpl::ReadPayloadInto(const ReadTicket& t, std::span<std::byte> dst) const {
+  return ReadRecordInto(t, nullptr, dst);
+}
+
+Status DiskTierImpl::ReadRecordInto(const ReadTicket& t, Segment* seg, std::span<std::byte> dst) const {
   std::vector<std::byte> encoded;
   std::span<std::byte> target = dst;
   if (t.loc.codec != CodecKind::kRaw) {
@@ -623,9 +623,14 @@ Status DiskTierImpl::ReadPayloadInto(const ReadTicket& t, std::span<std::byte> d
   } else if (dst.size() != t.loc.payload_len) {
     return DataLossError("record payload length disagrees with its layout");
   }
+  // With the metadata: one read from the record's start (header, metadata, payload).
+  std::string meta(seg != nullptr ? t.loc.payload_offset : 0, '\0');
+  const std::span<std::byte> pieces[] = {std::as_writable_bytes(std::span<char>(meta.data(), meta.size())), target};
   size_t n = 0;
-  KVAGENT_RETURN_IF_ERROR(t.reader->Read(t.loc.offset + t.loc.payload_offset, target, &n));
-  if (n != target.size()) return DataLossError("record truncated (payload)");
+  KVAGENT_RETURN_IF_ERROR(t.reader->ReadV(t.loc.offset + t.loc.payload_offset - meta.size(), pieces, &n));
+  if (n < meta.size()) return DataLossError("record truncated (header and metadata)");
+  if (seg != nullptr) KVAGENT_RETURN_IF_ERROR(ParseMeta(t, meta, seg));
+  if (n != meta.size() + target.size()) return DataLossError("record truncated (payload)");
   if (Checksum64(target) != t.loc.payload_checksum) return DataLossError("record payload checksum mismatch");
   if (t.loc.codec != CodecKind::kRaw) return DecodePayload(t.info.layout, t.loc.codec, encoded, dst);
   return Status::Ok();
@@ -650,13 +655,10 @@ StatusOr<SegmentHandle> DiskTierImpl::Get(const Hash128& key, const Hash128& mod
 StatusOr<SegmentHandle> DiskTierImpl::Get(const Hash128& key, const Hash128& model, const PayloadAllocator& allocate) {
   KVAGENT_ASSIGN_OR_RETURN(ReadTicket t, TicketFor(key, &model));
   auto seg = std::make_shared<Segment>();
-  Status s = ReadMeta(t, seg.get());
-  if (s.ok()) {
-    auto buf = allocate(t.info.payload_bytes);
-    if (!buf.ok()) return buf.status();
-    seg->payload = std::move(buf).value();
-    s = ReadPayloadInto(t, seg->payload->span());
-  }
+  auto buf = allocate(t.info.payload_bytes);
+  if (!buf.ok()) return buf.status();
+  seg->payload = std::move(buf).value();
+  Status s = ReadRecordInto(t, seg.get(), seg->payload->span());
   if (!s.ok()) {
     if (s.code() == StatusCode::kDataLoss) Quarantine(key, t.loc, s);
     return s.WithContext("disk tier: segment " + key.ToHex());
@@ -753,10 +755,9 @@ StatusOr<VerifyReport> DiskTierImpl::Verify(ProgressFn progress) {
     ++r.records;
     Status s = t.reader ? Status::Ok() : DataLossError("segment file missing");
     Segment seg;
-    if (s.ok()) s = ReadMeta(t, &seg);
     if (s.ok()) {
       payload.resize(t.info.payload_bytes);
-      s = ReadPayloadInto(t, payload);
+      s = ReadRecordInto(t, &seg, payload);
     }
     if (s.ok()) {
       ++r.ok;
