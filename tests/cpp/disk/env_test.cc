@@ -96,6 +96,27 @@ TEST_P(EnvTest, FilesDirsRenameTruncate) {
   EXPECT_TRUE(env_->FreeSpace(d).ok());
 }
 
+// ReadV fills its buffers in turn from one offset (POSIX: preadv; MemEnv: the default), skips
+// empty ones, and stops short at the end of the file.
+TEST_P(EnvTest, ReadVFillsBuffersInTurn) {
+  const std::string path = root_ + "/v";
+  ASSERT_TRUE(WriteStringToFile(env_, "0123456789abcdef", path, false).ok());
+  auto f = env_->NewRandomAccessFile(path);
+  ASSERT_TRUE(f.ok());
+  std::string a(3, '.'), b(0, '.'), c(5, '.');
+  auto span_of = [](std::string& s) { return std::as_writable_bytes(std::span<char>(s.data(), s.size())); };
+  const std::span<std::byte> pieces[] = {span_of(a), span_of(b), span_of(c)};
+  size_t n = 0;
+  ASSERT_TRUE((*f)->ReadV(2, pieces, &n).ok());
+  EXPECT_EQ(n, 8u);
+  EXPECT_EQ(a + c, "23456789");
+  std::string d(4, '.'), e(10, '.');
+  const std::span<std::byte> tail[] = {span_of(d), span_of(e)};
+  ASSERT_TRUE((*f)->ReadV(10, tail, &n).ok());
+  EXPECT_EQ(n, 6u);  // end of file
+  EXPECT_EQ(d + e.substr(0, 2), "abcdef");
+}
+
 TEST_P(EnvTest, LockIsExclusiveUntilReleased) {
   auto l1 = env_->LockFile(root_ + "/LOCK");
   ASSERT_TRUE(l1.ok());
