@@ -63,9 +63,8 @@ void Check(const Status& s, const char* what) {
 
 // A segment of exactly `bytes` payload bytes (bf16, 8 layers x 8 KV heads x 128 dims: 32 KiB
 // per token), filled with non-zero data.
-std::shared_ptr<Segment> MakeSegment(size_t bytes, uint64_t id) {
+std::shared_ptr<Segment> MakeSegment(size_t bytes) {
   auto s = std::make_shared<Segment>();
-  s->key = HashString("bench-" + std::to_string(id));
   s->model = HashString("bench-model");
   const int tokens = static_cast<int>(bytes / (8 * 2 * 8 * 128 * 2));
   s->layout = SegmentLayout{8, 8, 128, tokens, DType::kBF16};
@@ -77,6 +76,19 @@ std::shared_ptr<Segment> MakeSegment(size_t bytes, uint64_t id) {
   s->payload = std::move(buf).value();
   std::memset(s->payload->data(), 0x5a, s->payload->size());
   return s;
+}
+
+// `count` distinct segments of `size` payload bytes (keys "bench-<i>", one shared payload buffer);
+// by default 256 MiB of them.
+std::vector<std::shared_ptr<Segment>> Segments(size_t size, size_t count = 0) {
+  auto proto = MakeSegment(size);
+  std::vector<std::shared_ptr<Segment>> segs;
+  for (size_t i = 0; i < (count != 0 ? count : kWorkingSet / size); ++i) {
+    auto s = std::make_shared<Segment>(*proto);
+    s->key = HashString("bench-" + std::to_string(i));
+    segs.push_back(std::move(s));
+  }
+  return segs;
 }
 
 void SetRate(benchmark::State& state, double bytes) {
@@ -107,13 +119,7 @@ void BM_HostPut(benchmark::State& state) {
   auto store = Store::Open(o);
   Check(store.status(), "open");
   const size_t ring = 2 * kWorkingSet / size;  // twice the capacity: steady-state eviction
-  std::vector<std::shared_ptr<Segment>> segs;
-  auto proto = MakeSegment(size, 0);
-  for (size_t i = 0; i < ring; ++i) {
-    auto s = std::make_shared<Segment>(*proto);  // shares the caller-side payload
-    s->key = HashString("bench-" + std::to_string(i));
-    segs.push_back(std::move(s));
-  }
+  const auto segs = Segments(size, ring);
   size_t i = 0;
   double bytes = 0;
   for (auto _ : state) {
@@ -131,20 +137,14 @@ void HostGetImpl(benchmark::State& state, bool copy_out) {
   o.host_capacity_bytes = 2 * kWorkingSet;
   auto store = Store::Open(o);
   Check(store.status(), "open");
-  const size_t n = kWorkingSet / size;
-  auto proto = MakeSegment(size, 0);
-  std::vector<Hash128> keys;
-  for (size_t i = 0; i < n; ++i) {
-    auto s = std::make_shared<Segment>(*proto);
-    s->key = HashString("bench-" + std::to_string(i));
-    keys.push_back(s->key);
-    Check(store.value()->Put(s), "put");
-  }
+  const auto segs = Segments(size);
+  for (const auto& s : segs) Check(store.value()->Put(s), "put");
+  const size_t n = segs.size();
   std::vector<std::byte> dst(copy_out ? size : 0);
   size_t i = 0;
   double bytes = 0;
   for (auto _ : state) {
-    auto got = store.value()->Get(keys[i], proto->model);
+    auto got = store.value()->Get(segs[i]->key, segs[i]->model);
     Check(got.status(), "get");
     if (copy_out) std::memcpy(dst.data(), got.value()->payload->data(), size);
     benchmark::DoNotOptimize(got.value().get());
@@ -258,18 +258,6 @@ std::string FreshStoreDir(const char* tag, size_t size) {
   std::string dir = BenchDir() + "/kvagent-bench-" + tag + "-" + std::to_string(size);
   std::filesystem::remove_all(dir);
   return dir;
-}
-
-// 256 MiB of distinct segments of `size` payload bytes (sharing one payload buffer).
-std::vector<std::shared_ptr<Segment>> Segments(size_t size) {
-  auto proto = MakeSegment(size, 0);
-  std::vector<std::shared_ptr<Segment>> segs;
-  for (size_t i = 0; i < kWorkingSet / size; ++i) {
-    auto s = std::make_shared<Segment>(*proto);
-    s->key = HashString("bench-" + std::to_string(i));
-    segs.push_back(std::move(s));
-  }
-  return segs;
 }
 
 StoreOptions DiskStoreOptions(const std::string& dir, bool sync, bool direct) {

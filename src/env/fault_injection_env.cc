@@ -22,8 +22,7 @@ class FaultWritableFile final : public WritableFile {
       : env_(env), path_(std::move(path)), base_(std::move(base)), async_(async) {}
 
   Status Append(std::span<const std::byte> data) override {
-    KVAGENT_RETURN_IF_ERROR(async_error_);
-    KVAGENT_RETURN_IF_ERROR(WaitAsync(last_id_));  // in order: the deferred ones first
+    KVAGENT_RETURN_IF_ERROR(WaitAsync(last_id_));  // in order: the deferred ones first (or their error)
     return AppendNow(data);
   }
   StatusOr<uint64_t> AppendAsync(std::span<const std::byte> data) override {

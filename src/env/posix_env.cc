@@ -29,6 +29,21 @@ namespace kvagent {
 
 namespace {
 
+// Moves past `n` bytes of iov[i...] (after a short readv/writev): returns the index of the first
+// vector with bytes left, that vector trimmed at its front.
+size_t SkipIov(std::vector<iovec>* iov, size_t i, size_t n) {
+  for (; i < iov->size() && n > 0; ++i) {
+    iovec& v = (*iov)[i];
+    if (n < v.iov_len) {
+      v.iov_base = static_cast<std::byte*>(v.iov_base) + n;
+      v.iov_len -= n;
+      return i;
+    }
+    n -= v.iov_len;
+  }
+  return i;
+}
+
 class PosixRandomAccessFile final : public RandomAccessFile {
  public:
   PosixRandomAccessFile(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
@@ -74,13 +89,7 @@ class PosixRandomAccessFile final : public RandomAccessFile {
       }
       if (r == 0) break;  // end of file
       done += static_cast<size_t>(r);
-      for (size_t left = static_cast<size_t>(r); i < iov.size() && left > 0;) {  // skip what was read
-        const size_t take = std::min(left, iov[i].iov_len);
-        iov[i].iov_base = static_cast<std::byte*>(iov[i].iov_base) + take;
-        iov[i].iov_len -= take;
-        left -= take;
-        if (iov[i].iov_len == 0) ++i;
-      }
+      i = SkipIov(&iov, i, static_cast<size_t>(r));
     }
     *bytes_read = done;
     return Status::Ok();
@@ -213,15 +222,7 @@ class AsyncWriter {
   // The rest of a request the kernel wrote only `done` bytes of, synchronously (a full disk then
   // reports ENOSPC).
   void FinishShort(Request* req, size_t done) {
-    size_t i = 0;
-    for (size_t skip = done; i < req->iov.size(); ++i) {
-      if (skip < req->iov[i].iov_len) {
-        req->iov[i].iov_base = static_cast<std::byte*>(req->iov[i].iov_base) + skip;
-        req->iov[i].iov_len -= skip;
-        break;
-      }
-      skip -= req->iov[i].iov_len;
-    }
+    size_t i = SkipIov(&req->iov, 0, done);
     while (done < req->bytes && error_.ok()) {
       ssize_t w = ::pwritev(fd_, req->iov.data() + i, static_cast<int>(req->iov.size() - i),
                             static_cast<off_t>(req->offset + done));
@@ -231,13 +232,7 @@ class AsyncWriter {
         return;
       }
       done += static_cast<size_t>(w);
-      for (size_t left = static_cast<size_t>(w); i < req->iov.size() && left > 0;) {
-        const size_t take = std::min(left, req->iov[i].iov_len);
-        req->iov[i].iov_base = static_cast<std::byte*>(req->iov[i].iov_base) + take;
-        req->iov[i].iov_len -= take;
-        left -= take;
-        if (req->iov[i].iov_len == 0) ++i;
-      }
+      i = SkipIov(&req->iov, i, static_cast<size_t>(w));
     }
   }
   Status Fail(Status s) {
@@ -279,16 +274,20 @@ class PosixWritableFile final : public WritableFile {
   Status Append(std::span<const std::byte> data) override {
     if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
     KVAGENT_RETURN_IF_ERROR(async_error_);
-    if (dfd_ >= 0 && data.size() >= kDirectMin && size_ % kBlock == 0 &&
-        reinterpret_cast<uintptr_t>(data.data()) % kBlock == 0) {
-      const size_t n = data.size() / kBlock * kBlock;
-      KVAGENT_RETURN_IF_ERROR(WriteAtEnd(dfd_, data.first(n), "write (O_DIRECT) "));
-      data = data.subspan(n);
-    }
-    return WriteAtEnd(fd_, data, "write ");
+    const size_t n = DirectBytes(data);
+    if (n > 0) KVAGENT_RETURN_IF_ERROR(WriteAtEnd(dfd_, data.first(n), "write (O_DIRECT) "));
+    return WriteAtEnd(fd_, data.subspan(n), "write ");
   }
+  // As Append, with the direct blocks queued asynchronously (the rest written at once).
   StatusOr<uint64_t> AppendAsync(std::span<const std::byte> data) override {
-    return AppendAsyncV(std::span<const std::span<const std::byte>>(&data, 1));
+    const size_t n = DirectBytes(data);
+    uint64_t id = 0;
+    if (n > 0) {
+      const std::span<const std::byte> blocks = data.first(n);
+      KVAGENT_ASSIGN_OR_RETURN(id, AppendAsyncV(std::span<const std::span<const std::byte>>(&blocks, 1)));
+    }
+    KVAGENT_RETURN_IF_ERROR(Append(data.subspan(n)));
+    return id;
   }
   StatusOr<uint64_t> AppendAsyncV(std::span<const std::span<const std::byte>> pieces) override {
     if (fd_ < 0) return FailedPreconditionError("append to closed file " + path_);
@@ -371,6 +370,14 @@ class PosixWritableFile final : public WritableFile {
   }
 
  private:
+  // How many leading bytes of an append go through the O_DIRECT descriptor: its whole blocks when
+  // it is at least kDirectMin bytes and starts on a block in memory and in the file; else 0.
+  size_t DirectBytes(std::span<const std::byte> data) const {
+    if (dfd_ < 0 || data.size() < kDirectMin || size_ % kBlock != 0 ||
+        reinterpret_cast<uintptr_t>(data.data()) % kBlock != 0)
+      return 0;
+    return data.size() / kBlock * kBlock;
+  }
   // All of `data` at the end of the file; a short write is continued, an error returned (size_
   // advances by what was written either way).
   Status WriteAtEnd(int fd, std::span<const std::byte> data, const char* what) {

@@ -84,6 +84,7 @@ Status DiskTierImpl::EnsureActiveLocked(uint64_t record_len) {
     // Every chunk submitted to the file is published (or failed) before the file is closed.
     CompleteLocked(nullptr);
   }
+  // Checked again: completing may have rolled the file back (closing it) or over already.
   if (active_ && active_->Size() > 0 && active_->Size() + record_len > opts_.max_file_bytes) {
     // Synced even without options.sync: Sync() only reaches the active file, so a file must be
     // durable before it stops being the active one.
@@ -171,39 +172,33 @@ Status DiskTierImpl::AppendLocked(std::span<const AppendPiece> pieces, uint64_t*
   const uint64_t no = active_no_;
   const uint64_t start = active_->Size();
   offsets->clear();
-  if (async_id != nullptr) *async_id = 0;
-  const size_t block = active_->DirectIoAlignment();
+  // Payloads and gathered batches go through AppendAsync(V): the file writes what it can
+  // directly and asynchronously, the rest at once; the caller keeps the memory until written.
+  uint64_t last_async = 0;
   Status s;
   for (const AppendPiece& p : pieces) {
     offsets->push_back(active_->Size());
+    StatusOr<uint64_t> id = uint64_t{0};
     if (!p.gather.empty()) {
-      auto id = async_id != nullptr ? active_->AppendAsyncV(p.gather) : StatusOr<uint64_t>(uint64_t{0});
-      s = id.status();
-      if (s.ok() && async_id != nullptr && *id != 0) *async_id = *id;
-      for (size_t g = 0; s.ok() && async_id == nullptr && g < p.gather.size(); ++g) s = active_->Append(p.gather[g]);
-      if (!s.ok()) break;
-      continue;
+      id = active_->AppendAsyncV(p.gather);
+    } else {
+      s = active_->Append(p.prefix);
+      if (s.ok() && !p.payload.empty()) id = active_->AppendAsync(p.payload);
+      const uint64_t pad = p.record_len - p.prefix.size() - p.payload.size();
+      if (s.ok() && id.ok() && pad > 0) s = active_->Append(std::span<const std::byte>(kZeros, pad));
     }
-    const uint64_t pad = p.record_len - p.prefix.size() - p.payload.size();
-    s = active_->Append(p.prefix);
-    std::span<const std::byte> payload = p.payload;
-    if (s.ok() && async_id != nullptr && block != 0 && payload.size() >= kCoalesceMinBytes &&
-        active_->Size() % block == 0 &&
-        reinterpret_cast<uintptr_t>(payload.data()) % block == 0) {
-      // Whole blocks go asynchronously; the caller keeps the memory until they are written.
-      auto id = active_->AppendAsync(payload.first(payload.size() / block * block));
-      s = id.status();
-      if (s.ok()) {
-        if (*id != 0) *async_id = *id;
-        payload = payload.subspan(payload.size() / block * block);
-      }
-    }
-    if (s.ok() && !payload.empty()) s = active_->Append(payload);
-    if (s.ok() && pad > 0) s = active_->Append(std::span<const std::byte>(kZeros, pad));
+    if (s.ok()) s = id.status();
     if (!s.ok()) break;
+    last_async = std::max(last_async, *id);
   }
+  // Without `async_id` the caller wants everything written now.
+  if (s.ok() && async_id == nullptr && last_async != 0) {
+    s = active_->WaitAsync(last_async);
+    last_async = 0;
+  }
+  if (async_id != nullptr) *async_id = last_async;
   // Asynchronous appends are synced (options.sync) when the caller has waited for them.
-  if (s.ok() && (async_id == nullptr || *async_id == 0)) s = opts_.sync ? active_->Sync() : active_->Flush();
+  if (s.ok() && last_async == 0) s = opts_.sync ? active_->Sync() : active_->Flush();
   if (!s.ok()) {
     RollbackActiveLocked(no, start);
     return s.WithContext("disk tier append");
@@ -510,13 +505,10 @@ void DiskTierImpl::CompleteLocked(const Ticket* t) {
     if (c.io.ok() && !owner->failed) {
       PublishLocked(c);
       owner->written = c.last;
-    } else if (!owner->failed) {
-      owner->Fail(c.io.ok() ? AbortedError("disk tier append: an earlier part of the batch failed")
-                            : c.io.WithContext("disk tier append"));
+    } else {
+      owner->Fail(c.io.WithContext("disk tier append"));  // keeps an earlier chunk's error
       // Not published, so never served: cut the chunk (and everything after it) off the file.
       if (!c.cut) RollbackActiveLocked(c.file_no, c.start);
-    } else if (!c.cut) {
-      RollbackActiveLocked(c.file_no, c.start);
     }
     --owner->outstanding;
     if (c.buffer.data && spare_buffers_.size() < kSpareBuffers) spare_buffers_.push_back(std::move(c.buffer));
@@ -610,10 +602,6 @@ Status DiskTierImpl::ParseMeta(const ReadTicket& t, std::string_view buf, Segmen
   return DecodeMeta(meta, h.layout.num_tokens, seg);
 }
 
-Status DiskTierImpl::ReadPayloadInto(const ReadTicket& t, std::span<std::byte> dst) const {
-  return ReadRecordInto(t, nullptr, dst);
-}
-
 Status DiskTierImpl::ReadRecordInto(const ReadTicket& t, Segment* seg, std::span<std::byte> dst) const {
   std::vector<std::byte> encoded;
   std::span<std::byte> target = dst;
@@ -672,7 +660,7 @@ Status DiskTierImpl::ReadPayload(const Hash128& key, const Hash128& model, std::
   if (dst.size() != t.info.payload_bytes)
     return InvalidArgumentError("ReadPayload: destination has " + std::to_string(dst.size()) + " bytes, segment has " +
                                 std::to_string(t.info.payload_bytes));
-  Status s = ReadPayloadInto(t, dst);
+  Status s = ReadRecordInto(t, nullptr, dst);
   if (!s.ok()) {
     if (s.code() == StatusCode::kDataLoss) Quarantine(key, t.loc, s);
     return s.WithContext("disk tier: segment " + key.ToHex());

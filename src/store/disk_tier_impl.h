@@ -173,11 +173,9 @@ class DiskTierImpl final : public DiskTier {
 
   // --- reading (disk_tier.cc), without mu_ ---
   StatusOr<ReadTicket> TicketFor(const Hash128& key, const Hash128* model);
-  // Reads and verifies the payload, decoding into `dst` (canonical bytes).
-  Status ReadPayloadInto(const ReadTicket& t, std::span<std::byte> dst) const;
   // One read from the record's start (RandomAccessFile::ReadV): header and metadata, verified
-  // against the ticket and decoded into `seg`, then the payload as ReadPayloadInto. With a null
-  // `seg`, the payload alone.
+  // against the ticket and decoded into `seg`, then the payload, verified and decoded into `dst`
+  // (canonical bytes). With a null `seg`, the payload alone.
   Status ReadRecordInto(const ReadTicket& t, Segment* seg, std::span<std::byte> dst) const;
   // Verifies header and metadata bytes (payload_offset of them) against the ticket; fills `seg`.
   Status ParseMeta(const ReadTicket& t, std::string_view buf, Segment* seg) const;

@@ -78,6 +78,8 @@ class TieredStore final : public Store {
   // queue is full of failed writes (waiting would never end).
   Status WaitForSlotLocked(std::unique_lock<std::mutex>& lock);
   void EnqueueLocked(const Hash128& key, SegmentHandle segment);
+  // Appends the op for `key`'s pending state `p` to the queue.
+  void PushOpLocked(const Hash128& key, const Pending& p);
   // Re-queues failed writes once and waits until everything queued so far is applied. Returns
   // an error if writes are still failing.
   Status DrainLocked(std::unique_lock<std::mutex>& lock);
@@ -168,10 +170,14 @@ void TieredStore::EnqueueLocked(const Hash128& key, SegmentHandle segment) {
   Pending& p = pending_[key];
   if (p.failed) --failed_count_;
   p = Pending{std::move(segment), next_seq_++, false};
+  PushOpLocked(key, p);
+  cv_.notify_all();
+}
+
+void TieredStore::PushOpLocked(const Hash128& key, const Pending& p) {
   const uint64_t bytes = p.segment ? p.segment->PayloadBytes() : 0;
   queue_.push_back(Op{key, p.seq, bytes});
   queued_bytes_ += bytes;
-  cv_.notify_all();
 }
 
 void TieredStore::WriterLoop() {
@@ -318,9 +324,7 @@ Status TieredStore::DrainLocked(std::unique_lock<std::mutex>& lock) {
     p.failed = false;
     --failed_count_;
     p.seq = next_seq_++;
-    const uint64_t bytes = p.segment ? p.segment->PayloadBytes() : 0;
-    queue_.push_back(Op{key, p.seq, bytes});
-    queued_bytes_ += bytes;
+    PushOpLocked(key, p);
   }
   cv_.notify_all();
   const uint64_t target = next_seq_ - 1;
