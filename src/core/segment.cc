@@ -17,9 +17,7 @@ constexpr size_t kPageAlign = 4096;
 constexpr size_t kPageAlignFrom = 64 << 10;
 // Buffers of 4 MiB and more are 2 MiB-aligned and asked to be backed by transparent huge pages
 // (the machine's THP mode is often "madvise"): one fault per 2 MiB instead of 512 and far fewer
-// TLB misses while segments are copied. Measured on the development VM with 16 MiB segments:
-// host-tier Put 7.7-9.3 -> 12.9-13.8 GiB/s, disk-tier Put 1.33-1.59 -> 1.96-2.12 GB/s, disk-tier
-// Get 1.15-1.56 -> 1.55-1.79 GB/s (four alternating runs each; docs/benchmarks.md).
+// TLB misses while segments are copied (measured: docs/benchmarks.md, Store, huge pages).
 constexpr size_t kHugeFrom = 4 << 20;
 constexpr size_t kHugeAlign = 2 << 20;
 

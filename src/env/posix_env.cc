@@ -102,10 +102,9 @@ class PosixRandomAccessFile final : public RandomAccessFile {
 
 #ifdef KVAGENT_HAVE_URING
 // Writes queued on one O_DIRECT descriptor through an io_uring, as gathering writes (writev) of
-// up to kPiece bytes (4 MiB: on the development VM the device moved 1.2-1.3 GB/s while 4 MiB
-// requests were in flight against 0.9 GB/s with 1 MiB ones) and kMaxIov pieces each, with up to
-// kDepth in flight, so the device always has work queued while
-// the caller prepares more. Appends are numbered by the caller (increasing ids); WaitFor(id) reaps
+// up to kPiece bytes (4 MiB moved more than 1 MiB requests: docs/benchmarks.md) and kMaxIov
+// pieces each, with up to kDepth in flight, so the device always has work queued while the caller
+// prepares more. Appends are numbered by the caller (increasing ids); WaitFor(id) reaps
 // completions until every request of every id <= id is done. A short completion is finished with
 // pwritev; the first error is kept and returned from then on. Not thread-safe (the owning file's
 // caller serialises).
