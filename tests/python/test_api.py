@@ -38,11 +38,17 @@ def test_gpu_backend_falls_back_with_warning(tmp_path):
     mem.close()
 
 
-def test_unknown_and_planned_engines(tmp_path):
-    with pytest.raises(ka.InvalidArgumentError, match="no adapter yet"):
-        CacheManager(engine="vllm")
-    with pytest.raises(ka.InvalidArgumentError, match="unknown engine"):
+def test_engines_come_from_the_registry(tmp_path):
+    from kv_agent.engines import base as engines
+
+    assert "hf" in engines.names()
+    with pytest.raises(ka.InvalidArgumentError, match="unknown engine 'onnx'; available: .*hf"):
         CacheManager(engine="onnx")
+    with pytest.raises(ka.InvalidArgumentError, match="unknown option"):
+        CacheManager(engine="hf", model=(tiny_llama(), ByteTokenizer()), memory=AgentMemory(":memory:", backend="cpu"),
+                     no_such_option=1)
+    with pytest.raises(ka.InvalidArgumentError, match="engine must be"):
+        CacheManager(engine=42)
 
 
 def test_store_retrieve_generate(manager):
@@ -84,9 +90,10 @@ def test_planned_context_matches_direct_cache(manager):
     q_ids = cm._ids(cm.format.query("which numbers?"))
     hits = cm.retrieve("", top_k=2, query_ids=q_ids)
     ans = cm.answer_ids(q_ids, hits=hits, max_new_tokens=1)
-    parts = [torch.as_tensor(cm.prefix_kv)] + [h.kv("torch") for h in sorted(hits, key=lambda h: h.turn)]
+    prefix = cm.memory.store.get(cm.prefix_key, cm.spec.fingerprint).kv("torch")
+    parts = [prefix] + [h.kv("torch") for h in sorted(hits, key=lambda h: h.turn)]
     cache = cm.engine.build_cache(torch.cat(parts, dim=3))
-    ref = cm.engine.generate(q_ids, cache, max_new_tokens=1)
+    ref = cm.engine.generate_on_cache(q_ids, cache, max_new_tokens=1)
     assert ans.token_ids[:1] == ref.token_ids[:1]
 
 

@@ -25,11 +25,11 @@ def test_default_model_answers_paris(loaded):
     eng, tok = loaded
     ids = tok(qa_prompt("What is the capital of France?"))["input_ids"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
-    res = eng.generate(ids, max_new_tokens=8, eos_ids=eng.default_eos_ids() + newline_token_ids(tok))
+    res = eng.generate_on_cache(ids, max_new_tokens=8, eos_ids=eng.default_eos_ids() + newline_token_ids(tok))
     assert "paris" in tok.decode(res.token_ids).lower()
     # Answers come from the weights, not from the prompt: another question, another answer.
     ids = tok(qa_prompt("What is the largest planet in the solar system?"))["input_ids"]
-    res = eng.generate(ids, max_new_tokens=8, eos_ids=eng.default_eos_ids() + newline_token_ids(tok))
+    res = eng.generate_on_cache(ids, max_new_tokens=8, eos_ids=eng.default_eos_ids() + newline_token_ids(tok))
     assert "jupiter" in tok.decode(res.token_ids).lower()
 
 
@@ -58,7 +58,7 @@ def test_real_model_capture_inject_equals_full_recompute(loaded):
         add_special_tokens=False,
     )["input_ids"]
     full = eng.model(input_ids=torch.tensor([prefix + query])).logits[0, -1]
-    cap, _ = eng.capture(prefix)
+    cap, _ = eng.capture_on_cache(prefix)
     got = eng.prefill(query, eng.build_cache(cap.kv.numpy()))
     assert (got - full).abs().max() <= 1e-3 * max(1.0, float(full.abs().max()))
     assert int(got.argmax()) == int(full.argmax())
@@ -70,7 +70,7 @@ def test_real_model_long_context_crosses_sliding_window(loaded):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (605,), generator=g)
     full = eng.model(input_ids=ids[None], logits_to_keep=1).logits[0, -1]
-    cap, _ = eng.capture(ids[:600])
+    cap, _ = eng.capture_on_cache(ids[:600])
     cache = eng.build_cache(cap.kv)
     assert cache.layers[0].keys.shape[2] == 511 and cache.get_seq_length() == 600
     got = eng.prefill(ids[600:], cache)

@@ -186,7 +186,7 @@ def test_reference_matches_hf_full_forward(eng):
 
 def test_capture_is_pre_rope_and_matches_hf_cache(eng):
     ids = _ids(13, 2)
-    cap, cache = eng.capture(ids, last_logits_only=False)
+    cap, cache = eng.capture_on_cache(ids, last_logits_only=False)
     assert cap.kv.shape == (eng.num_layers, 2, eng.num_kv_heads, 13, eng.head_dim)
     assert torch.equal(cap.positions, torch.arange(13))
     _, ref_kv, _ = ref_forward(eng.model, ids, torch.arange(13))
@@ -206,18 +206,18 @@ def test_capture_is_pre_rope_and_matches_hf_cache(eng):
 def test_exact_prefix_reuse(eng, split):
     ids = _ids(22, 3 + split)
     full = eng.model(input_ids=ids[None]).logits[0]
-    cap, _ = eng.capture(ids[:split])
+    cap, _ = eng.capture_on_cache(ids[:split])
     stored = cap.kv.numpy().copy()  # as it would come back from the store
     cache = eng.build_cache(stored)
     assert cache.get_seq_length() == split
-    rest, _ = eng.capture(ids[split:], cache=cache, last_logits_only=False)
+    rest, _ = eng.capture_on_cache(ids[split:], cache=cache, last_logits_only=False)
     assert torch.equal(rest.positions, torch.arange(split, 22))
     assert (rest.logits - full[split:]).abs().max() <= TOL
 
 
 def test_capture_turns_equals_one_pass(eng):
     ids = _ids(19, 4)
-    one, _ = eng.capture(ids)
+    one, _ = eng.capture_on_cache(ids)
     parts, _ = eng.capture_turns([ids[:4], ids[4:11], ids[11:]])
     assert [len(p) for p in parts] == [4, 7, 8]
     assert (concat_kv([p.kv for p in parts]) - one.kv).abs().max() <= TOL
@@ -227,8 +227,8 @@ def test_capture_turns_equals_one_pass(eng):
 @pytest.mark.parametrize("m", [3, 11, 40])
 def test_repositioning(eng, m):
     seg, probe = _ids(9, 5), _ids(3, 6)
-    at0, _ = eng.capture(seg, start=0, last_logits_only=False)
-    atm, cache_m = eng.capture(seg, start=m, last_logits_only=False)
+    at0, _ = eng.capture_on_cache(seg, start=0, last_logits_only=False)
+    atm, cache_m = eng.capture_on_cache(seg, start=m, last_logits_only=False)
     assert torch.equal(atm.positions, torch.arange(m, m + 9))
     # Pre-RoPE K/V and the logits do not depend on where the segment sits (relative attention).
     assert (at0.kv - atm.kv).abs().max() <= TOL
@@ -240,8 +240,8 @@ def test_repositioning(eng, m):
         assert (moved - hk).abs().max() <= TOL
     # A probe after the moved segment sees exactly what it sees after the segment encoded at m.
     moved_cache = eng.build_cache(at0.kv, start=m)
-    got, _ = eng.capture(probe, cache=moved_cache, last_logits_only=False)
-    want, _ = eng.capture(probe, cache=cache_m, last_logits_only=False)
+    got, _ = eng.capture_on_cache(probe, cache=moved_cache, last_logits_only=False)
+    want, _ = eng.capture_on_cache(probe, cache=cache_m, last_logits_only=False)
     assert torch.equal(got.positions, torch.arange(m + 9, m + 12))
     assert (got.logits - want.logits).abs().max() <= TOL
     ref, _, _ = ref_forward(
@@ -257,16 +257,16 @@ def test_planned_context_matches_frozen_reference(eng, seg_lens):
     segs = [_ids(n, 10 + j) for j, n in enumerate(seg_lens)]
     query = _ids(4, 8)
     # Engine: prefix captured once; each segment captured after the prefix (its own session).
-    pcap, _ = eng.capture(prefix)
+    pcap, _ = eng.capture_on_cache(prefix)
     scap = []
     for s in segs:
-        c, _ = eng.capture(s, cache=eng.build_cache(pcap.kv))
+        c, _ = eng.capture_on_cache(s, cache=eng.build_cache(pcap.kv))
         assert int(c.positions[0]) == P
         scap.append(c)
     plan = concat_kv([pcap.kv] + [c.kv for c in scap])
     total = plan.shape[3]
     cache = eng.build_cache(plan)
-    got, _ = eng.capture(query, cache=cache, last_logits_only=False)
+    got, _ = eng.capture_on_cache(query, cache=cache, last_logits_only=False)
     # Reference: same pipeline in plain torch, each segment's KV frozen from its own encoding.
     _, pkv, _ = ref_forward(eng.model, prefix, torch.arange(P))
     frozen = [pkv]
@@ -292,7 +292,7 @@ def test_planned_context_matches_frozen_reference(eng, seg_lens):
 
 def test_query_q_matches_reference_and_stops_early(eng):
     prefix, query = _ids(8, 20), _ids(5, 21)
-    pcap, _ = eng.capture(prefix)
+    pcap, _ = eng.capture_on_cache(prefix)
     last = eng.num_layers - 2
     qs = eng.query_q(query, prefix_kv=pcap.kv, layers=[0, last])
     assert sorted(qs) == [0, last]
@@ -306,7 +306,7 @@ def test_query_q_matches_reference_and_stops_early(eng):
 
 def test_sliding_layers_keep_window_tail_only():
     eng = HFEngine(_tiny("gemma3"))
-    cap, _ = eng.capture(_ids(20, 30))
+    cap, _ = eng.capture_on_cache(_ids(20, 30))
     cache = eng.build_cache(cap.kv)
     for i, layer in enumerate(cache.layers):
         n = layer.keys.shape[2]
@@ -317,8 +317,8 @@ def test_sliding_layers_keep_window_tail_only():
 def test_generate_greedy_matches_hf_generate():
     eng = HFEngine(_tiny("qwen3"))
     ids = _ids(10, 40)
-    cap, _ = eng.capture(ids[:6])
-    res = eng.generate(ids[6:], eng.build_cache(cap.kv), max_new_tokens=6, eos_ids=[])
+    cap, _ = eng.capture_on_cache(ids[:6])
+    res = eng.generate_on_cache(ids[6:], eng.build_cache(cap.kv), max_new_tokens=6, eos_ids=[])
     want = eng.model.generate(
         ids[None], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
     )[0, 10:].tolist()
@@ -331,7 +331,7 @@ def test_bad_inputs_and_unsupported_arch():
     with pytest.raises(ValueError):
         eng.build_cache(np.zeros((3, 2, 2, 4, 8), np.float32))
     with pytest.raises(ValueError):
-        eng.capture([])
+        eng.capture_on_cache([])
     cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2)
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         HFEngine(AutoModelForCausalLM.from_config(cfg))
@@ -340,7 +340,7 @@ def test_bad_inputs_and_unsupported_arch():
 def test_sdpa_matches_eager():
     e1, e2 = HFEngine(_tiny("gemma3", "eager")), HFEngine(_tiny("gemma3", "sdpa"))
     ids = _ids(15, 50)
-    c1, _ = e1.capture(ids[:9])
+    c1, _ = e1.capture_on_cache(ids[:9])
     l1 = e1.prefill(ids[9:], e1.build_cache(c1.kv))
     l2 = e2.prefill(ids[9:], e2.build_cache(c1.kv))
     assert (l1 - l2).abs().max() <= TOL

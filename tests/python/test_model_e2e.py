@@ -68,6 +68,6 @@ def test_planted_fact_is_retrieved_and_answered(manager, fact_index):
     assert ans.prefill_tokens == len(q_ids)
     assert ans.reused_tokens == len(cm.prefix_ids) + sum(h.num_tokens for h in ans.hits)
     # Without memory the model cannot know the fact.
-    bare = cm.engine.generate(cm.prefix_ids + q_ids, max_new_tokens=16, eos_ids=cm._stop_ids)
+    bare = cm.engine.generate_on_cache(cm.prefix_ids + q_ids, max_new_tokens=16, eos_ids=cm._stop_ids)
     bare_text = cm.tokenizer.decode(bare.token_ids, skip_special_tokens=True).lower()
     assert keyword not in bare_text, bare_text

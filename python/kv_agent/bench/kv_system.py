@@ -85,7 +85,7 @@ class KVMemorySystem:
         self._dir = tempfile.mkdtemp(prefix=f"kvagent-locomo-{conv.sample_id}-")
         index_options = parse_variant(self.variant) if self.variant else None
         mem = AgentMemory(self._dir, backend="cpu", namespace=conv.sample_id, index_options=index_options)
-        self.cm = CacheManager(model=self.engine, memory=mem, session="locomo", max_segment_tokens=256)
+        self.cm = CacheManager(self.engine, memory=mem, session="locomo", max_segment_tokens=256)
         self.cm.set_prefix_text(self.template.prefix(conv))
         self.key_to_dia: dict = {}
         self.summaries: dict = {}
@@ -121,7 +121,8 @@ class KVMemorySystem:
             # Queries of every layer the base or an ablation scores, from one forward.
             suffix = self._ids(self.template.suffix(q))
             layers = sorted(set(self.index.layers).union(*(v.layers for v in self.variant_options)))
-            qs = self.engine.query_q(suffix, prefix_kv=cm.prefix_kv, layers=layers)
+            qv = self.engine.query_vectors(suffix, cm.prefix_context, layers)
+            qs = {layer: qv[j] for j, layer in enumerate(layers)}
             query_s = time.perf_counter() - t0
             self.query_cache[q.qid] = (suffix, qs, query_s)
         else:

@@ -106,7 +106,7 @@ class TextSystem:
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         self.prefix_ids = bos + self._ids(self.template.prefix(conv))
         self.line_ids = [self._ids(self.template.line(t)) for t in conv.turns]
-        _, self.prefix_cache = self.engine.capture(self.prefix_ids)
+        _, self.prefix_cache = self.engine.capture_on_cache(self.prefix_ids)
         self.full_prefill_s = 0.0
         self.dropped_turns = 0
         if self.name == "full-context":
@@ -156,7 +156,7 @@ class TextSystem:
         else:
             cache = copy.deepcopy(self.prefix_cache)
             new = [i for j in used_idx for i in self.line_ids[j]] + suffix
-        gen = self.engine.generate(new, cache, max_new_tokens=self.cfg.max_new_tokens, eos_ids=self.stop)
+        gen = self.engine.generate_on_cache(new, cache, max_new_tokens=self.cfg.max_new_tokens, eos_ids=self.stop)
         ctx_tokens = len(self.prefix_ids) + sum(len(self.line_ids[j]) for j in used_idx) + len(suffix)
         prefill = ctx_tokens - len(self.prefix_ids)  # the instruction prefix is cached for every system
         ttft = retrieval_s + gen.ttft_s + (self.full_prefill_s if self.name == "full-context" else 0.0)

@@ -113,6 +113,12 @@ class Capture:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def slice(self, start: int, stop: int) -> Capture:
+        """Tokens [start, stop) (chunks of a turn); torch or numpy as captured."""
+        if not 0 <= start < stop <= len(self):
+            raise InvalidArgumentError(f"slice [{start}, {stop}) outside a capture of {len(self)} tokens")
+        return Capture(self.kv[:, :, :, start:stop], self.positions[start:stop], list(self.token_ids[start:stop]))
+
 
 @dataclass
 class Generation:
@@ -160,6 +166,18 @@ class Engine(abc.ABC):
     def stop_token_ids(self) -> list[int]:
         """Token ids that end an answer (EOS and the chat format's end-of-turn)."""
         return []
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Positions the model handles (0 = unknown); the manager plans within it."""
+        return 0
+
+    @property
+    def fingerprint_aliases(self) -> tuple[_core.Hash128, ...]:
+        """Fingerprints earlier versions of this adapter gave the same weights. A memory holding
+        segments stamped with one of them re-stamps them with ``spec.fingerprint`` when a manager
+        for this engine attaches (``AgentMemory.attach``), so stores keep working across upgrades."""
+        return ()
 
     # ------------------------------------------------------------------ capture / query
     @abc.abstractmethod
