@@ -32,9 +32,7 @@ __all__ = [
     "apply",
     "attention_factor",
     "inv_freq",
-    "layer_rope_specs",
     "reposition",
-    "rope_spec_from_hf",
 ]
 
 #: HF ``rope_type`` values this module implements.

@@ -19,6 +19,7 @@ from datetime import datetime
 
 from kv_agent.bench.locomo import Conversation, Question
 from kv_agent.bench.report import RECALL_KS, Record
+from kv_agent.errors import InvalidArgumentError
 
 _DATE_FORMATS = ("%I:%M %p on %d %B, %Y", "%I:%M %p on %d %b, %Y", "%I:%M %p on %B %d, %Y")
 
@@ -41,7 +42,7 @@ def parse_variant(variant: str):
 
     parts = variant.split(":")
     if len(parts) < 3:
-        raise ValueError(f"variant {variant!r}: expected score:norm:agg[:layers]")
+        raise InvalidArgumentError(f"variant {variant!r}: expected score:norm:agg[:layers]")
     opts = IndexOptions(score=parts[0], norm=parts[1], agg=parts[2])
     if len(parts) > 3 and parts[3]:
         layers = []

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kv_agent.errors import NotFoundError
+
 DEFAULT_LOCOMO_PATH = Path(
     os.environ.get("KVAGENT_LOCOMO")
     or Path(__file__).resolve().parents[3].parent / "shared" / "data" / "locomo" / "locomo10_dev.json"
@@ -85,7 +87,7 @@ def load_locomo(path: str | os.PathLike | None = None) -> list[Conversation]:
     """Loads every conversation of the LoCoMo file at ``path`` (default: the shared dev split)."""
     p = Path(path) if path is not None else DEFAULT_LOCOMO_PATH
     if not p.exists():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"LoCoMo data not found at {p}; pass --locomo PATH (the dev split lives in ../shared/data/locomo/)"
         )
     with open(p, encoding="utf-8") as f:

@@ -22,6 +22,7 @@ from kv_agent.bench import scoring
 from kv_agent.bench.locomo import Conversation, Question, load_locomo
 from kv_agent.bench.prompts import LocomoTemplate
 from kv_agent.bench.report import RECALL_KS, Record, write_outputs
+from kv_agent.errors import InvalidArgumentError
 
 ALL_SYSTEMS = ("no-memory", "full-context", "rag-minilm", "rag-bm25", "kv-memory")
 
@@ -216,7 +217,7 @@ def run(cfg: BenchConfig, progress: bool = True, model_and_tokenizer=None) -> di
             elif name in ALL_SYSTEMS:
                 systems.append(TextSystem(name, engine, tok, template, cfg))
             else:
-                raise ValueError(f"unknown system {name!r}; choose from {ALL_SYSTEMS}")
+                raise InvalidArgumentError(f"unknown system {name!r}; choose from {ALL_SYSTEMS}")
         for system in systems:
             t0 = time.perf_counter()
             system.prepare(conv)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kv_agent.bench.locomo import CATEGORY_NAMES
+from kv_agent.errors import InvalidArgumentError
 
 RECALL_KS = (5, 10, 25)
 
@@ -269,14 +270,14 @@ def merge_runs(paths: list[Path], out_dir: Path) -> dict:
         other = {k: v for k, v in d["config"].items() if k not in ignore}
         if other != base:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
-            raise ValueError(f"{p}: configuration differs from {paths[0]} in {diff}")
+            raise InvalidArgumentError(f"{p}: configuration differs from {paths[0]} in {diff}")
     records: list[Record] = []
     seen: set = set()
     ingest: dict = {}
     for p, d in zip(paths, docs, strict=True):
         for r in load_records(d):
             if (r.system, r.qid) in seen:
-                raise ValueError(f"{p}: {r.system} {r.qid} appears in more than one run")
+                raise InvalidArgumentError(f"{p}: {r.system} {r.qid} appears in more than one run")
             seen.add((r.system, r.qid))
             records.append(r)
         ingest.update(d.get("ingest", {}))

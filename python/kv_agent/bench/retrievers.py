@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kv_agent.errors import InvalidArgumentError
+
 
 class BM25Retriever:
     name = "rag-bm25"
@@ -76,4 +78,4 @@ def make_retriever(kind: str, docs: Sequence[str]):
         return BM25Retriever(docs)
     if kind == "minilm":
         return MiniLMRetriever(docs)
-    raise ValueError(f"unknown retriever {kind!r} (expected 'bm25' or 'minilm')")
+    raise InvalidArgumentError(f"unknown retriever {kind!r} (expected 'bm25' or 'minilm')")

@@ -432,7 +432,13 @@ class HFEngine(base.Engine):
         return out.to(device=self.device, dtype=k.dtype)
 
     def _check_kv(self, kv) -> torch.Tensor:
+        if not isinstance(kv, (torch.Tensor, np.ndarray)):
+            raise InvalidArgumentError(f"kv must be a torch tensor or numpy array, got {type(kv).__name__}")
         kv = torch.as_tensor(kv)
+        if kv.dtype not in _DTYPES:
+            raise InvalidArgumentError(f"kv dtype must be float32, float16 or bfloat16, got {kv.dtype}")
+        if kv.device.type not in ("cpu", self.device.type):
+            raise InvalidArgumentError(f"kv must be on the CPU or the model's device ({self.device}), got {kv.device}")
         want = (self.num_layers, 2, self.num_kv_heads, self.head_dim)
         if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != want:
             raise InvalidArgumentError(
@@ -613,7 +619,7 @@ class HFEngine(base.Engine):
         start = segs[0].position
         if start < 0:
             raise InvalidArgumentError(f"planned positions must be >= 0, got {start}")
-        for a, b in zip(segs, segs[1:]):
+        for a, b in zip(segs, segs[1:], strict=False):
             if b.position != a.position + a.num_tokens:
                 raise InvalidArgumentError(
                     "the transformers adapter needs a contiguous plan (each segment starts where the previous "

@@ -35,23 +35,24 @@ import numpy as np
 import torch
 
 from kv_agent import rope as _rope
+from kv_agent.errors import FailedPreconditionError, InvalidArgumentError, UnimplementedError
 
 _SUPPORTED = ("llama", "qwen2", "qwen3")
 
 
 def check_supported(engine) -> None:
-    """Raises ValueError naming why ``engine``'s model cannot use the static path."""
+    """Raises InvalidArgumentError naming why ``engine``'s model cannot use the static path."""
     if engine.model_type not in _SUPPORTED:
-        raise ValueError(f"static (CUDA graph) forwards support model types {_SUPPORTED}, not {engine.model_type!r}")
+        raise InvalidArgumentError(f"static (CUDA graph) forwards support model types {_SUPPORTED}, not {engine.model_type!r}")
     if any(engine.windows):
-        raise ValueError("static (CUDA graph) forwards need full attention on every layer (no sliding windows)")
+        raise InvalidArgumentError("static (CUDA graph) forwards need full attention on every layer (no sliding windows)")
     inv0 = _rope.inv_freq(engine.rope_specs[0], engine.head_dim)
     f0 = _rope.attention_factor(engine.rope_specs[0])
     if inv0.size * 2 != engine.head_dim or engine.rope_specs[0].style != _rope.RopeStyle.half_split:
-        raise ValueError("static (CUDA graph) forwards need half-split RoPE over the whole head")
+        raise InvalidArgumentError("static (CUDA graph) forwards need half-split RoPE over the whole head")
     for s in engine.rope_specs[1:]:
         if not np.array_equal(_rope.inv_freq(s, engine.head_dim), inv0) or _rope.attention_factor(s) != f0:
-            raise ValueError("static (CUDA graph) forwards need one RoPE shared by all layers")
+            raise InvalidArgumentError("static (CUDA graph) forwards need one RoPE shared by all layers")
 
 
 def _cache_kwarg(layer) -> str | None:
@@ -102,7 +103,7 @@ class _Runner:
         self.device, self.dtype = engine.device, engine.dtype
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
         if self.use_graphs and self.device.type != "cuda":
-            raise ValueError("CUDA graphs need the model on a CUDA device")
+            raise FailedPreconditionError("CUDA graphs need the model on a CUDA device")
         self.cache_kw = _cache_kwarg(engine.layers[0])
         self.mask_min = torch.finfo(self.dtype).min
 
@@ -111,7 +112,7 @@ class _Runner:
         kw = {"attention_mask": mask, "position_ids": pos_ids, "position_embeddings": emb}
         if cache is not None:
             if self.cache_kw is None:
-                raise ValueError("this transformers version's decoder layer takes no cache argument")
+                raise UnimplementedError("this transformers version's decoder layer takes no cache argument")
             kw[self.cache_kw] = cache
             kw["use_cache"] = True
         for layer in self.engine.layers[:upto]:
@@ -153,7 +154,7 @@ class StaticQueryQ(_Runner):
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
         if ids.numel() != self.T:
-            raise ValueError(f"StaticQueryQ was built for {self.T} tokens, got {ids.numel()}")
+            raise InvalidArgumentError(f"StaticQueryQ was built for {self.T} tokens, got {ids.numel()}")
         self.ids.copy_(ids.reshape(1, -1).to(self.device), non_blocking=True)
         if not self.use_graphs:
             return self._body()
@@ -176,7 +177,7 @@ class StaticPrefill(_Runner):
         e = engine
         self.C, self.Q = int(capacity), int(query_tokens)
         if self.C < 1 or self.Q < 1:
-            raise ValueError("StaticPrefill needs capacity >= 1 and query_tokens >= 1")
+            raise InvalidArgumentError("StaticPrefill needs capacity >= 1 and query_tokens >= 1")
         L, H, D = e.num_layers, e.num_kv_heads, e.head_dim
         dev, dt = self.device, self.dtype
         # Zero-filled: slots past the context are masked, but must never hold NaN (0 * NaN).
@@ -204,7 +205,7 @@ class StaticPrefill(_Runner):
         parts = [torch.as_tensor(p) for p in parts]
         n = sum(int(p.shape[3]) for p in parts)
         if n > self.C:
-            raise ValueError(f"context of {n} tokens is more than the capacity {self.C}")
+            raise InvalidArgumentError(f"context of {n} tokens is more than the capacity {self.C}")
         on_device, pos = [], 0
         for p in parts:
             if p.device.type == "cpu":
@@ -239,7 +240,7 @@ class StaticPrefill(_Runner):
     def inject(self, start: int = 0) -> None:
         """Rotates the loaded keys to positions start..start+n-1 into the static cache."""
         if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
+            raise InvalidArgumentError(f"start must be >= 0, got {start}")
         self.start.fill_(int(start))
         if not self.use_graphs:
             self._inject_body()
@@ -263,7 +264,7 @@ class StaticPrefill(_Runner):
         """Runs the query tokens after the injected context; returns the last token's logits."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
         if ids.shape[1] != self.Q:
-            raise ValueError(f"StaticPrefill was built for {self.Q} query tokens, got {ids.shape[1]}")
+            raise InvalidArgumentError(f"StaticPrefill was built for {self.Q} query tokens, got {ids.shape[1]}")
         self.ids.copy_(ids.to(self.device), non_blocking=True)
         if not self.use_graphs:
             return self._forward_body()

