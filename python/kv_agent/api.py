@@ -387,7 +387,7 @@ class CacheManager:
 
     # ---------------------------------------------------------------- tokens
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.engine.encode(text))
 
     def _check_fits(self, n: int, what: str) -> None:
         limit = self.engine.max_context_tokens

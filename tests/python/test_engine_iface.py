@@ -116,7 +116,7 @@ def test_query_vectors_come_in_the_order_asked(eng):
         eng.query_vectors(q, None, [])
 
 
-def test_reversed_index_layers_retrieve_like_sorted_ones(tmp_path):
+def test_reversed_index_layers_retrieve_like_sorted_ones():
     """IndexOptions(layers=[2, 0]) must score exactly as [0, 2]: the manager stacks the query's
     vectors in the index's order (it used to sort them, pairing layer 2's queries with layer 0's keys)."""
     torch.set_grad_enabled(False)
@@ -125,7 +125,7 @@ def test_reversed_index_layers_retrieve_like_sorted_ones(tmp_path):
              "My sister plays the cello.", "Our car is a red Volvo.", "I was born in 1990."]
     results = {}
     for name, layers in (("sorted", [0, 2]), ("reversed", [2, 0])):
-        mem = AgentMemory(tmp_path / name, backend="cpu", index_options=IndexOptions(layers=layers, score="bbox"))
+        mem = AgentMemory(":memory:", backend="cpu", index_options=IndexOptions(layers=layers, score="bbox"))
         cm = CacheManager(model=(model, ByteTokenizer()), memory=mem, session="s")
         for f in facts:
             cm.store_kv(f, "ok")

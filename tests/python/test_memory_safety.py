@@ -36,8 +36,8 @@ def model():
 
 
 @pytest.fixture()
-def cm(tmp_path, model):
-    mem = AgentMemory(tmp_path / "mem", backend="cpu", namespace="t")
+def cm(model):
+    mem = AgentMemory(":memory:", backend="cpu", namespace="t")
     manager = CacheManager(model=(model, ByteTokenizer()), memory=mem, session="a", max_segment_tokens=32)
     yield manager
     mem.close()
@@ -155,7 +155,7 @@ def test_wiring_is_explicit_and_never_uses_a_closed_memory(tmp_path, model, monk
     for m in AgentMemory.open_memories():  # memories other tests left for the garbage collector
         m.close()
     pair = (model, ByteTokenizer())
-    closed = AgentMemory(tmp_path / "closed", backend="cpu")
+    closed = AgentMemory(":memory:", backend="cpu")
     closed.close()
     with pytest.raises(ka.FailedPreconditionError, match="closed"):
         CacheManager(model=pair, memory=closed)
@@ -163,9 +163,9 @@ def test_wiring_is_explicit_and_never_uses_a_closed_memory(tmp_path, model, monk
     cm0 = CacheManager(model=pair)
     assert cm0.memory is not closed and cm0.memory.path == tmp_path / "home" / "memory"
     cm0.memory.close()
-    only = AgentMemory(tmp_path / "only", backend="cpu")
+    only = AgentMemory(":memory:", backend="cpu")
     assert CacheManager(model=pair).memory is only  # the README quick start
-    second = AgentMemory(tmp_path / "second", backend="cpu")
+    second = AgentMemory(":memory:", backend="cpu")
     with pytest.raises(ka.InvalidArgumentError, match="2 AgentMemory objects are open; pass memory="):
         CacheManager(model=pair)
     only.close()
