@@ -334,21 +334,59 @@ def plot(doc: dict, out_dir: Path) -> Path:
     return p
 
 
-def write_outputs(cfg: RetrievalConfig, records: list, timing: dict, oracle: dict, heads: dict, t_start: float,
-                  plots: bool = True) -> dict:
+def write_outputs(cfg: RetrievalConfig, records: list, timing: dict, heads: dict, known: dict, chosen: dict,
+                  wall_s: float, plots: bool = True) -> dict:
+    """Writes retrieval.json, retrieval.md, oracle_heads.npz and (``plots``) recall_at_k.png; the
+    oracle's per-head tables and best-head rows are derived here from ``heads``, so a checkpoint
+    written after any conversation is a complete report of what was measured so far."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    oracle, head_rows = {}, []
+    if heads:
+        layer_types = next(t["oracle"]["layer_types"] for t in timing.values() if "oracle" in t)
+        oracle = oracle_summary(cfg, heads, known, chosen, layer_types)
+        head_rows = oracle.pop("_rows")
+    rows = records + head_rows
     doc = {"config": asdict(cfg), "machine": machine_info(), "git_commit": git_commit(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "splits": cfg.splits,
-           "aggregates": aggregate(records), "timing": timing, "oracle": oracle,
-           "wall_s": time.perf_counter() - t_start, "records": [asdict(r) for r in records]}
+           "conversations_done": sorted(timing), "aggregates": aggregate(rows), "timing": timing, "oracle": oracle,
+           "wall_s": wall_s, "records": [asdict(r) for r in rows]}
     (out / "retrieval.json").write_text(json.dumps(doc, indent=1))
     (out / "retrieval.md").write_text(markdown(doc))
     if heads:
         qids = sorted(heads)
         np.savez_compressed(out / "oracle_heads.npz", qids=np.asarray(qids), top=np.stack([heads[q] for q in qids]))
-    doc["plots"] = [str(plot(doc, out))] if plots and records else []
+    doc["plots"] = [str(plot(doc, out))] if plots and rows else []
     return doc
+
+
+def scored_questions(conv: Conversation) -> list[Question]:
+    return [q for q in conv.questions if q.evidence]
+
+
+def finalize(out_dir: str | Path) -> dict:
+    """Rebuilds the full report (oracle head tables, best-head rows, markdown, plot) from the
+    checkpoint a run leaves in ``out_dir`` after every conversation, e.g. of a run stopped early."""
+    from kv_agent.bench.locomo_bench import truncate_sessions
+
+    out = Path(out_dir)
+    if not (out / "retrieval.json").is_file():
+        raise InvalidArgumentError(f"no retrieval.json in {out}")
+    doc = json.loads((out / "retrieval.json").read_text())
+    cfg = RetrievalConfig(**{**doc["config"], "out": str(out)})
+    timing = doc["timing"]
+    chosen = {c: t["split"] for c, t in timing.items()}
+    records = [RetrievalRecord(**r) for r in doc["records"] if not r["system"].startswith("oracle-head[")]
+    heads, known = {}, {}
+    if (out / "oracle_heads.npz").is_file():
+        z = np.load(out / "oracle_heads.npz")
+        heads = {str(q): t for q, t in zip(z["qids"], z["top"], strict=True)}
+    for conv in load_locomo(cfg.locomo):
+        if conv.sample_id in chosen:
+            conv = truncate_sessions(conv, cfg.max_sessions)
+            for q in scored_questions(conv):
+                known[q.qid] = (q, [x.dia_id for x in conv.turns])
+    return write_outputs(cfg, records, timing, heads, known, chosen, doc["wall_s"])
 
 
 # ------------------------------------------------------------------ run
@@ -384,11 +422,10 @@ def run(cfg: RetrievalConfig, progress: bool = True, model_and_tokenizer=None) -
     timing: dict = {}
     heads: dict = {}
     known: dict = {}  # qid -> (question, dia_ids of its conversation's turns)
-    oracle: dict = {}
     for cid in tqdm(list(chosen), desc="conversations", disable=not progress):
         split = chosen[cid]
         conv = truncate_sessions(by_id[cid], cfg.max_sessions)
-        questions = [q for q in conv.questions if q.evidence]
+        questions = scored_questions(conv)
         t = timing[cid] = {"split": split, "questions": len(questions), "turns": len(conv.turns)}
         for q in questions:
             known[q.qid] = (q, [x.dia_id for x in conv.turns])
@@ -410,18 +447,13 @@ def run(cfg: RetrievalConfig, progress: bool = True, model_and_tokenizer=None) -
                                                progress)
             records += rows
             heads.update(h)
-        write_outputs(cfg, records, timing, oracle, heads, t_start, plots=False)  # checkpoint
-    if "oracle" in cfg.systems:
-        oracle = oracle_summary(cfg, heads, known, chosen, model)
-        records += oracle.pop("_rows")
-    return write_outputs(cfg, records, timing, oracle, heads, t_start)
+        # A checkpoint after every conversation: a run that stops keeps what it measured.
+        write_outputs(cfg, records, timing, heads, known, chosen, time.perf_counter() - t_start, plots=False)
+    return write_outputs(cfg, records, timing, heads, known, chosen, time.perf_counter() - t_start)
 
 
-def oracle_summary(cfg: RetrievalConfig, heads: dict, known: dict, chosen: dict, model) -> dict:
+def oracle_summary(cfg: RetrievalConfig, heads: dict, known: dict, chosen: dict, layer_types: list) -> dict:
     """Per-(layer, head) recall tables per split and the best-head rows (head chosen on tuning)."""
-    from kv_agent.bench.attention_oracle import AttentionOracle
-
-    layer_types = AttentionOracle(model).layer_types
     per_head = {}
     for split in sorted(set(chosen.values())):
         qs = {qid: v for qid, v in known.items() if v[0].qid.split("/")[0] in chosen

@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
                    help="retrieval.json of a tuning run: its per-head table picks the oracle's best head")
     r.add_argument("--model", default=None, help="local HF model directory (default: the default model)")
     r.add_argument("--out", default="bench/out/retrieval")
+    r.add_argument("--finalize", action="store_true",
+                   help="only rebuild the report from the checkpoint in --out (a run stopped early); runs nothing")
     r.set_defaults(func=_retrieval)
     pl = bsub.add_parser("planted", help="planted-fact suite: top-1/top-5 through memory.retrieve, BM25 and MiniLM")
     pl.add_argument("--suite", default=None, help="suite JSON (default: the committed kv_agent/bench/data/planted_v1.json)")
@@ -80,8 +82,13 @@ def _locomo(args: argparse.Namespace) -> int:
 
 
 def _retrieval(args: argparse.Namespace) -> int:
-    from kv_agent.bench.retrieval_bench import RetrievalConfig, markdown, run
+    from kv_agent.bench.retrieval_bench import RetrievalConfig, finalize, markdown, run
 
+    if args.finalize:
+        doc = finalize(args.out)
+        print(markdown(doc))
+        print(f"rebuilt {args.out}/retrieval.json, retrieval.md and recall_at_k.png from its checkpoint")
+        return 0
     cfg = RetrievalConfig(locomo=args.locomo, split=args.split, conversations=_split(args.conversations),
                           max_sessions=args.max_sessions, systems=_split(args.systems),
                           kv_variants=_split(args.kv_variants), cache_dir=args.cache_dir, out=args.out,
