@@ -294,16 +294,19 @@ def markdown(doc: dict) -> str:
         lines += [f"Oracle top heads on `{split}` (recall@{HEAD_K}): " + ", ".join(cells), ""]
     t = doc.get("timing", {})
     if t:
+        def sec(x: dict, *path: str) -> str:
+            for p in path:
+                x = x.get(p, {}) if isinstance(x, dict) else {}
+            return f"{x:.1f}" if isinstance(x, (int, float)) else "-"
+
         lines += ["| conversation | split | kv store | open / ingest s | kv-memory queries s | variants forward s "
                   "| oracle prepare s | oracle queries s | questions |", "|---|---|---|---|---|---|---|---|---|"]
         for conv, x in t.items():
-            kv = x.get("kv", {})
-            lines.append(
-                f"| {conv} | {x['split']} | {('cached' if kv.get('cached') else 'ingested') if kv else '-'} "
-                f"| {kv.get('open_s', float('nan')):.1f} | {x.get('kv-memory', {}).get('query_s', float('nan')):.1f} "
-                f"| {x.get('variants', {}).get('query_forward_s', float('nan')):.1f} "
-                f"| {x.get('oracle', {}).get('prepare_s', float('nan')):.1f} "
-                f"| {x.get('oracle', {}).get('query_s', float('nan')):.1f} | {x['questions']} |")
+            kv = x.get("kv")
+            state = "-" if not kv else "cached" if kv.get("cached") else "ingested"
+            lines.append(f"| {conv} | {x['split']} | {state} | {sec(x, 'kv', 'open_s')} | {sec(x, 'kv-memory', 'query_s')} "
+                         f"| {sec(x, 'variants', 'query_forward_s')} | {sec(x, 'oracle', 'prepare_s')} "
+                         f"| {sec(x, 'oracle', 'query_s')} | {x['questions']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,6 +323,7 @@ def plot(doc: dict, out_dir: Path) -> Path:
             ks = [k for k in RECALL_KS if f"recall@{k}" in a]
             ax.plot(ks, [100 * a[f"recall@{k}"]["recall"] for k in ks], marker="o", label=name)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(list(RECALL_KS))
         ax.set_xticklabels([str(k) for k in RECALL_KS])
         ax.set_xlabel("k (turns retrieved)")
