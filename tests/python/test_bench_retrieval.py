@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +253,6 @@ def test_planted_bench_tiny(tmp_path):
 @pytest.mark.model
 @pytest.mark.skipif(not DEFAULT_LOCOMO_PATH.exists(), reason=f"LoCoMo dev split not at {DEFAULT_LOCOMO_PATH}")
 def test_retrieval_bench_smoke_on_the_dev_split(tmp_path):
-    t0 = time.perf_counter()
     conv = load_locomo(DEFAULT_LOCOMO_PATH)[0].sample_id
     cfg = RetrievalConfig(split="tuning", conversations=[conv], max_sessions=1, kv_variants=["mean:zscore:max"],
                           cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "out"))
@@ -267,4 +265,3 @@ def test_retrieval_bench_smoke_on_the_dev_split(tmp_path):
     assert doc["timing"][conv]["kv"]["segments"] == doc["timing"][conv]["turns"]
     assert doc["oracle"]["layer_types"] and len(doc["oracle"]["per_head"]["tuning"]["@10"]) == len(
         doc["oracle"]["layer_types"])
-    assert time.perf_counter() - t0 < 90
