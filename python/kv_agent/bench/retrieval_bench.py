@@ -176,7 +176,8 @@ def kv_rows(ing, template: LocomoTemplate, variants: list[str], split: str, ques
         if not indexes:
             continue
         t2 = time.perf_counter()
-        qs = cm.engine.query_q(suffix, prefix_kv=cm.prefix_kv, layers=layers)
+        stacked = cm.engine.query_vectors(suffix, cm.prefix_context, layers)  # the Engine interface
+        qs = {layer: stacked[n] for n, layer in enumerate(layers)}
         fwd = time.perf_counter() - t2
         variant_query_s += fwd
         for v, idx in indexes.items():
