@@ -1,7 +1,7 @@
 # kv-agent developer entry points. Every target installs what it needs from this repository's
 # own files (Debian packages via apt, Python packages via pip into .venv).
 #
-#   make test   - install deps, build, run C++ (ctest: unit, model, e2e) and Python tests
+#   make test   - install deps, build, run C++ (ctest: unit, model, e2e, redis) and Python tests
 #   make demo   - the main job: LoCoMo memory demo on the default model with a local store
 #   make gpu-test (on a GPU machine) - CUDA kernels and gpu-labelled tests
 
@@ -55,7 +55,7 @@ build-py: deps-apt deps-py
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 test-cpp: build
-	ctest --test-dir $(BUILD) -L 'unit|model|e2e' --output-on-failure -j $(JOBS)
+	ctest --test-dir $(BUILD) -L 'unit|model|e2e|redis' --output-on-failure -j $(JOBS)
 
 test-py: build-py
 	$(PY) -m pytest -m "not gpu" -q

@@ -7,6 +7,9 @@ find_library(XXHASH_LIBRARY NAMES xxhash REQUIRED)
 add_library(kvagent_xxhash INTERFACE)
 target_include_directories(kvagent_xxhash INTERFACE $<BUILD_INTERFACE:${XXHASH_INCLUDE_DIR}>)
 target_link_libraries(kvagent_xxhash INTERFACE $<BUILD_INTERFACE:${XXHASH_LIBRARY}>)
+# hiredis (Debian libhiredis-dev): the remote (Redis) tier's client.
+find_path(HIREDIS_INCLUDE_DIR hiredis/hiredis.h REQUIRED)
+find_library(HIREDIS_LIBRARY NAMES hiredis REQUIRED)
 # CMake >= 4.1 names the imported target SQLite3::SQLite3 (older: SQLite::SQLite3).
 if(TARGET SQLite3::SQLite3)
   set(KVAGENT_SQLITE_TARGET SQLite3::SQLite3)

@@ -30,6 +30,7 @@
 #include "kvagent/codec.h"
 #include "kvagent/env.h"
 #include "kvagent/hash.h"
+#include "kvagent/remote_options.h"
 #include "kvagent/segment.h"
 #include "kvagent/status.h"
 
@@ -48,6 +49,17 @@ struct TierStats {
   uint64_t pooled_bytes = 0;     // host only: idle payload buffers kept for reuse (not in bytes)
 };
 
+// Remote (Redis) tier counters (kvagent/remote_tier.h).
+struct RemoteStats {
+  TierStats tier;              // hits, misses, puts (writes sent), bytes (payload bytes sent), corrupt_records
+  uint64_t queue_depth = 0;    // writes queued, not yet acknowledged by the server
+  uint64_t dropped = 0;        // writes dropped (queue full or out of attempts)
+  uint64_t retries = 0;        // batch re-sends after a failure
+  uint64_t errors = 0;         // failed commands and connections
+  uint64_t bytes_read = 0;     // payload bytes read
+  bool connected = false;      // an open, working connection right now
+};
+
 struct StoreStats {
   TierStats host;
   TierStats disk;
@@ -56,8 +68,11 @@ struct StoreStats {
   uint64_t promotions = 0;         // disk -> host on hit
   uint64_t write_queue_depth = 0;  // segments queued for write-behind (not yet taken by the writer) or failed
   uint64_t write_errors = 0;       // write-behind failures (the segment stays in host)
+  RemoteStats remote;
+  uint64_t remote_promotions = 0;  // remote -> host on hit
   bool has_disk = false;
   bool has_device = false;
+  bool has_remote = false;
 };
 
 // Selects segments by metadata; empty fields match anything.
@@ -94,6 +109,13 @@ struct StoreOptions {
   // (cuda::InstallPinnedHostAllocator), so host tier -> device loads run at full PCIe speed.
   uint64_t device_capacity_bytes = 0;  // 0 = no device tier
   int device = 0;
+  // Remote tier (Redis): remote.url non-empty adds it below host and disk (kvagent/remote_tier.h).
+  // Put queues a write to it after the local tiers hold the segment (never blocking on the
+  // server); Get falls through to it after a local miss and promotes the segment into the host
+  // tier; List adds the namespace's remote segments; Delete queues the removal of the remote
+  // copy of a segment the local tiers know (its model names the remote key). While the server is
+  // unreachable the local tiers serve alone: a local miss is NotFound, never a remote error.
+  RemoteOptions remote;
 };
 
 // A segment's canonical payload ([layer][k|v][kv_head][token][dim], layout.dtype) resident in
@@ -185,6 +207,10 @@ class Store {
 
   // Waits until every acknowledged Put is on disk and synced.
   virtual Status Flush() = 0;
+  // Waits until every Put acknowledged so far has been written to the remote tier or dropped,
+  // at most timeout_ms: DeadlineExceeded on timeout, Unavailable if writes were dropped
+  // meanwhile, FailedPrecondition without a remote tier. Local durability is Flush's.
+  virtual Status FlushRemote(int timeout_ms) = 0;
   virtual StoreStats Stats() = 0;
   // Reads every disk record and checks its checksum.
   virtual StatusOr<VerifyReport> Verify(ProgressFn progress) = 0;

@@ -1,6 +1,7 @@
 #include <memory>
 
 #include "kvagent/disk_tier.h"
+#include "kvagent/remote_tier.h"
 #include "kvagent/store.h"
 #include "store/tiered_store.h"
 
@@ -21,7 +22,13 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const StoreOptions& options) {
     d.env = options.env;
     KVAGENT_ASSIGN_OR_RETURN(disk, DiskTier::Open(d));
   }
-  return NewTieredStore(options, std::move(disk));
+  std::unique_ptr<RemoteTier> remote;
+  if (!options.remote.url.empty()) {
+    RemoteOptions r = options.remote;
+    if (r.env == nullptr) r.env = options.env;
+    KVAGENT_ASSIGN_OR_RETURN(remote, RemoteTier::Open(r));
+  }
+  return NewTieredStore(options, std::move(disk), std::move(remote));
 }
 
 }  // namespace kvagent

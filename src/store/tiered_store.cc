@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "kvagent/host_tier.h"
+#include "kvagent/remote_tier.h"
 #include "store/device_cache.h"
 
 namespace kvagent {
@@ -29,8 +30,8 @@ Status ClosedError() { return FailedPreconditionError("store is closed"); }
 
 class TieredStore final : public Store {
  public:
-  TieredStore(const StoreOptions& options, std::unique_ptr<DiskTier> disk)
-      : options_(options), host_(options.host_capacity_bytes), disk_(std::move(disk)) {
+  TieredStore(const StoreOptions& options, std::unique_ptr<DiskTier> disk, std::unique_ptr<RemoteTier> remote)
+      : options_(options), host_(options.host_capacity_bytes), disk_(std::move(disk)), remote_(std::move(remote)) {
     if (options_.write_queue_limit == 0) options_.write_queue_limit = 1;
     if (disk_ && options_.write_behind) writer_ = std::thread([this] { WriterLoop(); });
   }
@@ -47,6 +48,7 @@ class TieredStore final : public Store {
   Status Delete(const Hash128& key) override;
   std::vector<SegmentInfo> List(const SegmentFilter& filter) override;
   Status Flush() override;
+  Status FlushRemote(int timeout_ms) override;
   StoreStats Stats() override;
   StatusOr<VerifyReport> Verify(ProgressFn progress) override;
   StatusOr<CompactReport> Compact(ProgressFn progress) override;
@@ -72,6 +74,11 @@ class TieredStore final : public Store {
   // Get's path past a host miss: the write-behind queue, then disk with promotion. Call with
   // the key's stripe held.
   StatusOr<SegmentHandle> ReadThroughLocked(const Hash128& key, const Hash128& model);
+  // The remote tier's copy of `key` (past every local miss), promoted into the host tier. A
+  // remote that cannot answer is a miss (NotFound): the caller recomputes.
+  StatusOr<SegmentHandle> RemoteReadLocked(const Hash128& key, const Hash128& model);
+  // The model of `key` as the local tiers know it (for the remote key of a Delete).
+  std::optional<Hash128> LocalModelLocked(const Hash128& key);
   // True if a tier other than the device holds `key` (device eviction may drop its copy).
   bool HasBacking(const Hash128& key);
   // Waits for a queue slot. FailedPrecondition when closing; the last write error when the
@@ -90,6 +97,7 @@ class TieredStore final : public Store {
   StoreOptions options_;
   HostTier host_;
   std::unique_ptr<DiskTier> disk_;
+  std::unique_ptr<RemoteTier> remote_;  // null: no remote tier
 
   // Shared by every call; Close takes it exclusively to drop the disk tier (and its lock on
   // the directory) once no call uses it.
@@ -116,6 +124,7 @@ class TieredStore final : public Store {
   std::thread writer_;
 
   std::atomic<uint64_t> promotions_{0};
+  std::atomic<uint64_t> remote_promotions_{0};
 };
 
 Status TieredStore::Put(SegmentHandle segment) {
@@ -127,7 +136,9 @@ Status TieredStore::Put(SegmentHandle segment) {
     std::lock_guard<std::mutex> stripe(StripeOf(segment->key));
     BumpEpochLocked(segment->key);
     if (device_) device_->Erase(segment->key);
-    return host_.Put(*segment).status();
+    KVAGENT_ASSIGN_OR_RETURN(SegmentHandle held, host_.Put(*segment));
+    if (remote_) remote_->Enqueue(std::move(held));  // a full queue drops it (counted): the host holds it
+    return Status::Ok();
   }
 
   if (options_.disk_capacity_bytes != 0 && segment->PayloadBytes() > options_.disk_capacity_bytes)
@@ -150,6 +161,7 @@ Status TieredStore::Put(SegmentHandle segment) {
   // the key must not stay behind to shadow the new one.
   if (!host_.Adopt(copy).ok()) host_.Erase(key);
   if (device_) device_->Erase(key);
+  if (remote_) remote_->Enqueue(std::move(copy));
   return Status::Ok();
 }
 
@@ -351,22 +363,52 @@ StatusOr<SegmentHandle> TieredStore::Get(const Hash128& key, const Hash128& mode
     KVAGENT_RETURN_IF_ERROR(CheckFingerprint(h->model, model));
     return h;
   }
-  if (!disk_) return NotFoundError("segment " + key.ToHex() + " not in store");
+  if (!disk_ && !remote_) return NotFoundError("segment " + key.ToHex() + " not in store");
   std::lock_guard<std::mutex> stripe(StripeOf(key));
   return ReadThroughLocked(key, model);
 }
 
 StatusOr<SegmentHandle> TieredStore::ReadThroughLocked(const Hash128& key, const Hash128& model) {
-  if (!disk_) return NotFoundError("segment " + key.ToHex() + " not in store");
+  if (!disk_) return RemoteReadLocked(key, model);
   if (std::optional<SegmentHandle> p = PendingLookup(key)) {
     if (!*p) return NotFoundError("segment " + key.ToHex() + " was deleted");
     KVAGENT_RETURN_IF_ERROR(CheckFingerprint((*p)->model, model));
     return *p;
   }
-  KVAGENT_ASSIGN_OR_RETURN(SegmentHandle h,
-                           disk_->Get(key, model, [this](size_t n) { return host_.LendBuffer(n); }));
-  if (host_.Adopt(h).ok()) promotions_.fetch_add(1, std::memory_order_relaxed);
+  StatusOr<SegmentHandle> h = disk_->Get(key, model, [this](size_t n) { return host_.LendBuffer(n); });
+  if (!h.ok()) {
+    if (h.status().code() == StatusCode::kNotFound) return RemoteReadLocked(key, model);
+    return h.status();
+  }
+  if (host_.Adopt(*h).ok()) promotions_.fetch_add(1, std::memory_order_relaxed);
   return h;
+}
+
+StatusOr<SegmentHandle> TieredStore::RemoteReadLocked(const Hash128& key, const Hash128& model) {
+  if (!remote_) return NotFoundError("segment " + key.ToHex() + " not in store");
+  StatusOr<SegmentHandle> h = remote_->Get(key, model, [this](size_t n) { return host_.LendBuffer(n); });
+  if (!h.ok()) {
+    const StatusCode code = h.status().code();
+    // Corrupt or foreign values are reported as the disk tier reports them; anything else the
+    // remote says (absent, unreachable, timed out, refused) is a miss.
+    if (code == StatusCode::kDataLoss || code == StatusCode::kNotFound) return h.status();
+    return NotFoundError("segment " + key.ToHex() + " not in the local tiers; remote tier: " +
+                         std::string(h.status().message()));
+  }
+  if (host_.Adopt(*h).ok()) remote_promotions_.fetch_add(1, std::memory_order_relaxed);
+  return h;
+}
+
+std::optional<Hash128> TieredStore::LocalModelLocked(const Hash128& key) {
+  if (SegmentHandle h = host_.Peek(key)) return h->model;
+  if (!disk_) return std::nullopt;
+  if (std::optional<SegmentHandle> p = PendingLookup(key)) {
+    if (*p) return (*p)->model;
+    return std::nullopt;
+  }
+  StatusOr<SegmentInfo> info = disk_->Info(key);
+  if (info.ok()) return info->model;
+  return std::nullopt;
 }
 
 bool TieredStore::HasBacking(const Hash128& key) {
@@ -456,6 +498,8 @@ Status TieredStore::Delete(const Hash128& key) {
   std::lock_guard<std::mutex> stripe(StripeOf(key));
   const Status not_found = NotFoundError("segment " + key.ToHex() + " not in store");
   BumpEpochLocked(key);
+  if (remote_)
+    if (std::optional<Hash128> model = LocalModelLocked(key)) remote_->EnqueueDelete(key, *model);
   if (device_) device_->Erase(key);
   if (!disk_) return host_.Erase(key) ? Status::Ok() : not_found;
   if (!options_.write_behind) {
@@ -497,8 +541,15 @@ std::vector<SegmentInfo> TieredStore::List(const SegmentFilter& filter) {
     host = host_.Snapshot();
   }
   std::map<Hash128, SegmentInfo> merged;
+  // Remote rows first: every local tier's view of a key replaces the remote one. An unreachable
+  // remote lists nothing.
+  if (remote_) {
+    StatusOr<std::vector<SegmentInfo>> remote = remote_->List(filter);
+    if (remote.ok())
+      for (SegmentInfo& i : *remote) merged.emplace(i.key, std::move(i));
+  }
   if (disk_)
-    for (SegmentInfo& i : disk_->List(filter)) merged.emplace(i.key, std::move(i));
+    for (SegmentInfo& i : disk_->List(filter)) merged.insert_or_assign(i.key, std::move(i));
   for (const auto& [key, segment] : pending) {
     merged.erase(key);
     if (segment) {
@@ -519,6 +570,13 @@ std::vector<SegmentInfo> TieredStore::List(const SegmentFilter& filter) {
   out.reserve(merged.size());
   for (auto& [key, info] : merged) out.push_back(std::move(info));
   return out;
+}
+
+Status TieredStore::FlushRemote(int timeout_ms) {
+  std::shared_lock<std::shared_mutex> open(close_mu_);
+  if (closed_) return ClosedError();
+  if (!remote_) return FailedPreconditionError("store has no remote tier");
+  return remote_->Flush(timeout_ms);
 }
 
 Status TieredStore::Flush() {
@@ -546,6 +604,11 @@ StoreStats TieredStore::Stats() {
   if (disk_) {
     s.has_disk = true;
     s.disk = disk_->Stats();
+  }
+  if (remote_) {
+    s.has_remote = true;
+    s.remote = remote_->Stats();
+    s.remote_promotions = remote_promotions_.load(std::memory_order_relaxed);
   }
   std::lock_guard<std::mutex> lock(mu_);
   s.write_queue_depth = queue_.size() + failed_count_;
@@ -586,10 +649,14 @@ Status TieredStore::Close() {
     Status synced = disk_->Sync();
     if (result.ok()) result = synced;
   }
+  // Queued remote writes get one command timeout to go out; what is left is dropped (the local
+  // tiers had it; a remote write is a copy).
+  if (remote_) remote_->Close(remote_->options().command_timeout_ms).IgnoreError();
   std::unique_lock<std::shared_mutex> exclusive(close_mu_);
   closed_ = true;
   device_.reset();  // DeviceSegments still held keep their bytes
   disk_.reset();
+  remote_.reset();
   host_.Clear();
   std::lock_guard<std::mutex> lock(mu_);
   closing_ = true;
@@ -602,10 +669,11 @@ Status TieredStore::Close() {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Store>> NewTieredStore(const StoreOptions& options, std::unique_ptr<DiskTier> disk) {
+StatusOr<std::unique_ptr<Store>> NewTieredStore(const StoreOptions& options, std::unique_ptr<DiskTier> disk,
+                                                std::unique_ptr<RemoteTier> remote) {
   if (disk && options.write_queue_limit > (1u << 20))
     return InvalidArgumentError("write_queue_limit must be at most 1048576 segments");
-  auto store = std::make_unique<TieredStore>(options, std::move(disk));
+  auto store = std::make_unique<TieredStore>(options, std::move(disk), std::move(remote));
   KVAGENT_RETURN_IF_ERROR(store->OpenDevice());
   return std::unique_ptr<Store>(std::move(store));
 }
