@@ -155,6 +155,19 @@ nb::dict TierDict(const TierStats& t, bool disk) {
   return d;
 }
 
+nb::dict RemoteDict(const RemoteStats& r, uint64_t promotions) {
+  nb::dict d = TierDict(r.tier, false);
+  d["corrupt_records"] = r.tier.corrupt_records;
+  d["bytes_read"] = r.bytes_read;
+  d["queue_depth"] = r.queue_depth;
+  d["dropped"] = r.dropped;
+  d["retries"] = r.retries;
+  d["errors"] = r.errors;
+  d["connected"] = r.connected;
+  d["promotions"] = promotions;
+  return d;
+}
+
 nb::dict StatsDict(const StoreStats& s) {
   nb::dict d;
   d["host"] = TierDict(s.host, false);
@@ -165,13 +178,17 @@ nb::dict StatsDict(const StoreStats& s) {
   d["write_errors"] = s.write_errors;
   d["has_disk"] = s.has_disk;
   d["has_device"] = s.has_device;
+  d["remote"] = s.has_remote ? nb::object(RemoteDict(s.remote, s.remote_promotions)) : nb::none();
+  d["has_remote"] = s.has_remote;
   return d;
 }
 
 std::unique_ptr<PyStore> Open(std::optional<std::string> path, uint64_t host_capacity_bytes,
                               uint64_t disk_capacity_bytes, uint64_t max_file_bytes, bool write_behind,
                               size_t write_queue_limit, bool sync, const std::string& codec,
-                              uint64_t device_capacity_bytes, int device) {
+                              uint64_t device_capacity_bytes, int device, std::optional<std::string> remote,
+                              const std::string& remote_namespace, uint64_t remote_ttl_seconds,
+                              int remote_timeout_ms) {
   StoreOptions o;
   o.path = path.value_or("");
   o.host_capacity_bytes = host_capacity_bytes;
@@ -183,6 +200,10 @@ std::unique_ptr<PyStore> Open(std::optional<std::string> path, uint64_t host_cap
   o.disk_codec = ValueOrThrow(CodecFromName(codec));
   o.device_capacity_bytes = device_capacity_bytes;
   o.device = device;
+  o.remote.url = remote.value_or("");
+  o.remote.ns = remote_namespace;
+  o.remote.ttl_seconds = remote_ttl_seconds;
+  o.remote.command_timeout_ms = remote_timeout_ms;
   StatusOr<std::unique_ptr<Store>> s = [&] {
     nb::gil_scoped_release unlocked;
     return Store::Open(o);
@@ -208,11 +229,14 @@ void RegisterStore(nb::module_& m) {
       .def_static("open", &Open, "path"_a = nb::none(), nb::kw_only(), "host_capacity_bytes"_a = 1ull << 30,
                   "disk_capacity_bytes"_a = 0, "max_file_bytes"_a = 256ull << 20, "write_behind"_a = true,
                   "write_queue_limit"_a = 64, "sync"_a = true, "codec"_a = "raw", "device_capacity_bytes"_a = 0,
-                  "device"_a = 0,
+                  "device"_a = 0, "remote"_a = nb::none(), "remote_namespace"_a = "default",
+                  "remote_ttl_seconds"_a = 0, "remote_timeout_ms"_a = 2000,
                   "Opens (creating if needed) a store. path=None: host tier only. disk_capacity_bytes=0: "
                   "unbounded. codec: 'raw' (bit-exact) or 'int8' (per-channel scales) for disk payloads. "
                   "device_capacity_bytes > 0 adds a device tier on CUDA device `device` (UnavailableError "
-                  "without CUDA or a GPU).")
+                  "without CUDA or a GPU). remote='redis://[user:password@]host:port[/db]' adds the shared Redis "
+                  "tier for namespace remote_namespace (docs/multi-agent.md); an unreachable server is not an "
+                  "error, rejected credentials are (PermissionDeniedError).")
       .def(
           "put",
           [](PyStore& self, const PySegment& seg) {
@@ -286,6 +310,14 @@ void RegisterStore(nb::module_& m) {
       .def(
           "flush", [](PyStore& self) { ThrowIfError(self.Call([](Store& s) { return s.Flush(); })); },
           "Waits until every acknowledged put is on disk and synced.")
+      .def(
+          "flush_remote",
+          [](PyStore& self, int timeout_ms) {
+            ThrowIfError(self.Call([&](Store& s) { return s.FlushRemote(timeout_ms); }));
+          },
+          "timeout_ms"_a = 10000,
+          "Waits until every put so far has been written to the remote tier (or dropped: UnavailableError). "
+          "DeadlineExceededError on timeout; FailedPreconditionError without a remote tier.")
       .def(
           "stats", [](PyStore& self) { return StatsDict(self.Call([](Store& s) { return s.Stats(); })); },
           "{'host': {...}, 'disk': {...} or None, 'device': {...} or None, 'promotions', 'write_queue_depth', "

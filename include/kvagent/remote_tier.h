@@ -98,6 +98,9 @@ class RemoteTier {
   // Index rows (metadata with compressed keys, no payload) of the namespace's segments that
   // match `filter`, found with SCAN. Corrupt values are skipped and counted.
   virtual StatusOr<std::vector<SegmentInfo>> List(const SegmentFilter& filter) = 0;
+  // The index row of `key` under any model: from the rows List and Put have seen, else found with
+  // SCAN (slow: meant for the rare key no List has shown). NotFound, DataLoss, Unavailable.
+  virtual StatusOr<SegmentInfo> Info(const Hash128& key) = 0;
 
   virtual RemoteStats Stats() = 0;
   virtual const RemoteOptions& options() const = 0;

@@ -112,9 +112,10 @@ struct StoreOptions {
   // Remote tier (Redis): remote.url non-empty adds it below host and disk (kvagent/remote_tier.h).
   // Put queues a write to it after the local tiers hold the segment (never blocking on the
   // server); Get falls through to it after a local miss and promotes the segment into the host
-  // tier; List adds the namespace's remote segments; Delete queues the removal of the remote
-  // copy of a segment the local tiers know (its model names the remote key). While the server is
-  // unreachable the local tiers serve alone: a local miss is NotFound, never a remote error.
+  // tier; List adds the namespace's remote segments and Info their rows; Delete queues the
+  // removal of the remote copy of a segment the local tiers know (its model names the remote
+  // key). While the server is unreachable the local tiers serve alone: a local miss is NotFound,
+  // never a remote error.
   RemoteOptions remote;
 };
 

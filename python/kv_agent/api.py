@@ -121,12 +121,13 @@ class AgentMemory:
 
     ``path``: store directory (default ``$KVAGENT_HOME/memory``, ``~/.kv_agent/memory``);
     ``":memory:"`` keeps everything in host memory only. ``namespace`` and ``agent`` tag new
-    segments and scope retrieval.
+    segments and scope retrieval. ``remote="redis://[user:password@]host:port[/db]"`` shares the
+    namespace's memories through Redis (docs/multi-agent.md).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, backend: str = "gpu", namespace: str = "default",
                  agent: str = "agent", host_capacity_bytes: int = 2 << 30, disk_capacity_bytes: int = 0,
-                 codec: str = "raw", index_options=None, write_behind: bool = True):
+                 codec: str = "raw", index_options=None, write_behind: bool = True, remote: str | None = None):
         if backend not in ("gpu", "cpu"):
             raise InvalidArgumentError(f"backend must be 'gpu' or 'cpu', got {backend!r}")
         _check_text(namespace, "namespace")
@@ -144,7 +145,8 @@ class AgentMemory:
         if self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(str(self.path) if self.path else None, host_capacity_bytes=host_capacity_bytes,
-                                disk_capacity_bytes=disk_capacity_bytes, codec=codec, write_behind=write_behind)
+                                disk_capacity_bytes=disk_capacity_bytes, codec=codec, write_behind=write_behind,
+                                remote=remote, remote_namespace=namespace)
         self.index_options = index_options
         self.spec: _core.ModelSpec | None = None
         self.index = None

@@ -36,13 +36,17 @@ API (all in C++, see ``help(Segment)`` / ``help(Store)``)::
 
     Store.open(path=None, *, host_capacity_bytes=1 GiB, disk_capacity_bytes=0, max_file_bytes=256 MiB,
                write_behind=True, write_queue_limit=64, sync=True, codec="raw"|"int8",
-               device_capacity_bytes=0, device=0)
+               device_capacity_bytes=0, device=0, remote=None, remote_namespace="default",
+               remote_ttl_seconds=0, remote_timeout_ms=2000)
+        remote: "redis://[user:password@]host:port[/db]" adds the shared Redis tier (puts are
+        copied to it in the background, local misses read it; docs/multi-agent.md)
       .put(segment)  .get(key, model) -> Segment  .info(key) -> SegmentInfo
       .get_device(key, model) -> DeviceSegment  (device tier; see kv_agent.cuda)
       .contains(key) / `key in store`  .delete(key)
       .list(*, model=None, ns="", agent="", session="", min_time_us=None, max_time_us=None)
-      .flush()  .stats() -> {"host": {...}, "disk": {...} | None, "device": {...} | None, "promotions",
-                             "write_queue_depth", "write_errors", "has_disk", "has_device"}
+      .flush()  .flush_remote(timeout_ms=10000)  .stats() -> {"host": {...}, "disk": {...} | None, "device": {...} | None, "promotions",
+                             "write_queue_depth", "write_errors", "has_disk", "has_device",
+                             "remote": {... "queue_depth", "dropped", "errors", "connected"} | None, "has_remote"}
       .verify(progress=None) -> {"records", "ok", "corrupt", "bytes", "problems"}
       .compact(progress=None) -> {"files_before", "files_after", "bytes_before", "bytes_after",
                                   "records_moved"}

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 namespace kvagent {
@@ -284,7 +285,23 @@ class RedisTier final : public RemoteTier {
   }
 
   StatusOr<std::vector<SegmentInfo>> List(const SegmentFilter& filter) override {
-    return WithConnection<std::vector<SegmentInfo>>([&](redisContext* c) { return ListWith(c, filter); });
+    const std::string models = filter.model ? filter.model->ToHex() : std::string("*");
+    return WithConnection<std::vector<SegmentInfo>>(
+        [&](redisContext* c) { return ListWith(c, filter, models + ":*:m"); });
+  }
+
+  StatusOr<SegmentInfo> Info(const Hash128& key) override {
+    {
+      std::lock_guard<std::mutex> lock(rows_mu_);
+      auto it = rows_.find(key);
+      if (it != rows_.end()) return it->second;
+    }
+    SegmentFilter any;
+    StatusOr<std::vector<SegmentInfo>> found = WithConnection<std::vector<SegmentInfo>>(
+        [&](redisContext* c) { return ListWith(c, any, "*:{" + key.ToHex() + "}:m"); });
+    KVAGENT_RETURN_IF_ERROR(found.status());
+    if (found->empty()) return NotFoundError("segment " + key.ToHex() + " not in the remote tier");
+    return found->front();
   }
 
   RemoteStats Stats() override {
@@ -384,9 +401,9 @@ class RedisTier final : public RemoteTier {
     return SegmentHandle(std::move(s));
   }
 
-  StatusOr<std::vector<SegmentInfo>> ListWith(redisContext* c, const SegmentFilter& filter) {
-    const std::string match =
-        RemoteKeyPrefix(options_.ns) + (filter.model ? filter.model->ToHex() : std::string("*")) + ":*:m";
+  // Rows of the metadata keys matching RemoteKeyPrefix + `pattern` (remembered for Info).
+  StatusOr<std::vector<SegmentInfo>> ListWith(redisContext* c, const SegmentFilter& filter, const std::string& pattern) {
+    const std::string match = RemoteKeyPrefix(options_.ns) + pattern;
     std::vector<SegmentInfo> out;
     std::string cursor = "0";
     std::vector<Reply> replies;
@@ -418,6 +435,7 @@ class RedisTier final : public RemoteTier {
           continue;
         }
         SegmentInfo info = InfoOf(s);
+        Remember(info);
         if (filter.Matches(info)) out.push_back(std::move(info));
       }
     } while (cursor != "0");
@@ -467,6 +485,8 @@ class RedisTier final : public RemoteTier {
       return true;
     });
     if (!sent.ok()) return sent.status();
+    for (size_t i = 0; i < segments.size(); ++i)
+      if ((*results)[i].ok()) Remember(InfoOf(*segments[i]));
     std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < segments.size(); ++i) {
       if (!(*results)[i].ok()) continue;
@@ -500,7 +520,16 @@ class RedisTier final : public RemoteTier {
       KVAGENT_RETURN_IF_ERROR(TransactionStatus(replies));
       return true;
     });
+    if (r.ok()) {
+      std::lock_guard<std::mutex> lock(rows_mu_);
+      rows_.erase(key);
+    }
     return r.status();
+  }
+
+  void Remember(SegmentInfo info) {
+    std::lock_guard<std::mutex> lock(rows_mu_);
+    rows_.insert_or_assign(info.key, std::move(info));
   }
 
   bool Push(Op op) {
@@ -592,6 +621,9 @@ class RedisTier final : public RemoteTier {
   ConnectionPool pool_;
 
   std::atomic<uint64_t> hits_{0}, misses_{0}, corrupt_{0}, bytes_read_{0};
+
+  std::mutex rows_mu_;
+  std::unordered_map<Hash128, SegmentInfo, Hash128Hasher> rows_;  // index rows seen (List, Put)
 
   std::mutex mu_;  // guards everything below
   std::condition_variable cv_;

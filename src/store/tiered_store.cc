@@ -475,12 +475,18 @@ StatusOr<SegmentInfo> TieredStore::Info(const Hash128& key) {
   std::shared_lock<std::shared_mutex> open(close_mu_);
   if (closed_) return ClosedError();
   if (SegmentHandle h = host_.Peek(key)) return InfoOf(*h);
-  if (!disk_) return NotFoundError("segment " + key.ToHex() + " not in store");
-  if (std::optional<SegmentHandle> p = PendingLookup(key)) {
-    if (!*p) return NotFoundError("segment " + key.ToHex() + " was deleted");
-    return InfoOf(**p);
+  StatusOr<SegmentInfo> local = NotFoundError("segment " + key.ToHex() + " not in store");
+  if (disk_) {
+    if (std::optional<SegmentHandle> p = PendingLookup(key)) {
+      if (!*p) return NotFoundError("segment " + key.ToHex() + " was deleted");
+      return InfoOf(**p);
+    }
+    local = disk_->Info(key);
   }
-  return disk_->Info(key);
+  if (local.ok() || local.status().code() != StatusCode::kNotFound || !remote_) return local;
+  StatusOr<SegmentInfo> remote = remote_->Info(key);
+  if (remote.ok() || remote.status().code() == StatusCode::kDataLoss) return remote;
+  return local;
 }
 
 bool TieredStore::Contains(const Hash128& key) {

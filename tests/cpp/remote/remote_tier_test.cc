@@ -95,6 +95,14 @@ TEST(RemoteTierTest, AnotherStoreReadsWhatOneWroteAndPromotesIt) {
   size_t expect = 0;
   for (auto& s : segs) expect += s->meta.session == one_session.session;
   EXPECT_EQ(c->List(one_session).size(), expect);
+  // Info of a remote-only key: from the listed rows, and (a fresh store) found by SCAN.
+  StatusOr<SegmentInfo> info = c->Info(segs[2]->key);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->meta, segs[2]->meta);
+  info = OpenOk(RemoteStore(redis.url()))->Info(segs[3]->key);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->model, segs[3]->model);
+  EXPECT_EQ(c->Info(TestKey(12345)).status().code(), StatusCode::kNotFound);
   // Another namespace sees nothing.
   EXPECT_TRUE(OpenOk(RemoteStore(redis.url(), "other"))->List(SegmentFilter{}).empty());
 }
