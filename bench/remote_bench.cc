@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "kvagent/remote_tier.h"
-#include "store/store_test_util.h"
 
 namespace kvagent {
 namespace {
@@ -37,8 +36,17 @@ void Percentiles(benchmark::State& state, std::vector<double>& us) {
 
 std::shared_ptr<Segment> BenchSegment(size_t bytes) {
   // 8 layers x 8 heads x 128 dims x f16: 32 KiB per token.
-  SegmentLayout l{8, 8, 128, static_cast<int>(bytes / (8 * 2 * 8 * 128 * 2)), DType::kF16};
-  return testing::MakeSegment(testing::TestKey(bytes), 1, l);
+  auto s = std::make_shared<Segment>();
+  s->layout = SegmentLayout{8, 8, 128, static_cast<int>(bytes / (8 * 2 * 8 * 128 * 2)), DType::kF16};
+  s->key = HashString("remote-bench-" + std::to_string(bytes));
+  s->model = HashString("remote-bench-model");
+  for (int t = 0; t < s->layout.num_tokens; ++t) {
+    s->tokens.push_back(t);
+    s->positions.push_back(t);
+  }
+  s->payload = Buffer::Allocate(s->layout.NumBytes()).value();
+  for (size_t i = 0; i < s->PayloadBytes(); ++i) s->payload->data()[i] = static_cast<std::byte>(i * 131 + 7);
+  return s;
 }
 
 void BM_RemotePut(benchmark::State& state) {
