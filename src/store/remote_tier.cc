@@ -11,6 +11,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -272,6 +273,8 @@ class RedisTier final : public RemoteTier {
   }
 
   StatusOr<SegmentHandle> Get(const Hash128& key, const Hash128& model, const PayloadAllocator& allocate) override {
+    // A delete of the key not yet applied hides the server's copy (no resurrection).
+    if (DeletePending(key)) return NotFoundError("segment " + key.ToHex() + " was deleted");
     StatusOr<SegmentHandle> r = WithConnection<SegmentHandle>(
         [&](redisContext* c) { return ReadSegment(c, key, model, allocate); });
     if (r.ok()) {
@@ -527,6 +530,14 @@ class RedisTier final : public RemoteTier {
     return r.status();
   }
 
+  bool DeletePending(const Hash128& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (in_flight_delete_ && *in_flight_delete_ == key) return true;
+    for (auto it = queue_.rbegin(); it != queue_.rend(); ++it)
+      if (it->key == key) return it->segment == nullptr;
+    return false;
+  }
+
   void Remember(SegmentInfo info) {
     std::lock_guard<std::mutex> lock(rows_mu_);
     rows_.insert_or_assign(info.key, std::move(info));
@@ -579,6 +590,7 @@ class RedisTier final : public RemoteTier {
       queued_bytes_ -= bytes;
       in_flight_ = batch.size();
       in_flight_first_seq_ = batch.front().seq;
+      if (!batch.front().segment) in_flight_delete_ = batch.front().key;
       lock.unlock();
       std::vector<Status> results;
       Status sent;
@@ -612,6 +624,7 @@ class RedisTier final : public RemoteTier {
         queue_.push_front(std::move(*it));
       }
       in_flight_ = 0;
+      in_flight_delete_.reset();
       cv_.notify_all();
     }
   }
@@ -632,6 +645,7 @@ class RedisTier final : public RemoteTier {
   uint64_t next_seq_ = 1;
   size_t in_flight_ = 0;
   uint64_t in_flight_first_seq_ = 0;
+  std::optional<Hash128> in_flight_delete_;  // the key of the delete being sent
   uint64_t puts_ = 0, bytes_written_ = 0, dropped_ = 0, retries_ = 0;
   Status last_drop_;
   bool stop_ = false;

@@ -125,6 +125,21 @@ TEST(RemoteTierTest, WithDiskTierTheRemoteIsReadAfterADiskMiss) {
   EXPECT_EQ(redis.Run({"DBSIZE"}), "INT:0");
 }
 
+TEST(RemoteTierTest, AQueuedDeleteHidesTheServersCopy) {
+  RedisServer redis;
+  auto a = OpenOk(RemoteStore(redis.url()));  // host tier only
+  auto s = Sized(1, 16 << 10);
+  ASSERT_TRUE(a->Put(s).ok());
+  ASSERT_TRUE(a->FlushRemote(5000).ok());
+  redis.Pause();  // the delete stays queued
+  ASSERT_TRUE(a->Delete(s->key).ok());
+  EXPECT_EQ(a->Get(s->key, s->model).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(a->Stats().host.segments, 0u);
+  redis.Resume();
+  ASSERT_TRUE(a->FlushRemote(10000).ok());
+  EXPECT_EQ(redis.Run({"DBSIZE"}), "INT:0");
+}
+
 TEST(RemoteTierTest, CorruptAndForeignValuesAreDataLossNeverServed) {
   RedisServer redis;
   auto a = OpenOk(RemoteStore(redis.url()));
