@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--history", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--dtype", default="auto", help="vLLM dtype (auto: vLLM's choice for the model)")
     args = ap.parse_args()
 
     from vllm import SamplingParams, TokensPrompt
@@ -40,7 +41,8 @@ def main() -> None:
 
     store_dir = Path(tempfile.mkdtemp(prefix="kvagent-vllm-bench-"))
     t0 = time.perf_counter()
-    eng = create("vllm", store_path=str(store_dir / "store"))
+    eng = create("vllm", store_path=str(store_dir / "store"), dtype=args.dtype,
+                 max_model_len=max(args.history) + 256)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     tok = eng.tokenizer
     base = ("User: I think the weather was fine this week and the train was late again. "

@@ -71,11 +71,16 @@ def test_kv_matches_transformers_canonical_layout(engine):
     del model
     assert cap.kv.shape == ref.kv.shape
     assert torch.equal(cap.positions, ref.positions)
-    tol = 2e-2 if engine.dtype == torch.bfloat16 else 2e-3
+    # Two engines' kernels round differently (bf16: 8-bit mantissa, compounding over the layers);
+    # a layout or rotation mistake gives errors of the order of the values themselves.
+    bf16 = engine.dtype == torch.bfloat16
+    errors = {}
     for what in (0, 1):
         a, b = cap.kv[:, what].float(), ref.kv[:, what].float()
-        err = ((a - b).abs().amax() / b.abs().amax()).item()
-        assert err < tol, f"{'KV'[what]}: max error {err:.2e} of the largest value"
+        errors["KV"[what]] = (((a - b).abs().amax() / b.abs().amax()).item(),
+                              ((a - b).abs().mean() / b.abs().mean()).item())
+    # (max error / largest value, mean error / mean value) for K and V
+    assert all(w < (5e-2 if bf16 else 2e-3) and m < (2e-2 if bf16 else 1e-3) for w, m in errors.values()), errors
 
 
 def test_planned_context_is_loaded_not_recomputed(engine, store):

@@ -21,8 +21,8 @@ pytest.importorskip("vllm")
 from kv_agent.engines.vllm import default_model_dir, server_kv_transfer_config  # noqa: E402
 
 PROMPT = ("Notes from earlier conversations with the user. " * 6 +
-          "User: My sister Olivia moved to Reykjavik last spring. Assistant: Got it, I will remember that. " * 5 +
-          "\nQuestion: Where does my sister Olivia live?\nAnswer:")
+          "User: My sister Olivia moved to Reykjavik last spring. Assistant: Got it, I will remember that. " * 12 +
+          "\nQuestion: Where does my sister Olivia live?\nAnswer:")  # 315 tokens: two full 128-token chunks
 
 
 def _free_port() -> int:

@@ -315,16 +315,14 @@ class VLLMEngine(Engine):
 
 
 def _ttft(out) -> float | None:
-    """vLLM's time to first token of a finished request (scheduled -> first token), when logged."""
+    """vLLM's time to first token of a finished request (its ``first_token_latency``: arrival to
+    first token, the value behind vLLM's TTFT histogram), when stats are logged."""
     m = getattr(out, "metrics", None)
-    if m is None:
-        return None
-    for a, b in (("first_token_ts", "scheduled_ts"), ("first_token_ts", "arrival_time")):
-        x, y = getattr(m, a, None), getattr(m, b, None)
-        if x and y:
-            return float(x - y)
     ftl = getattr(m, "first_token_latency", None)
-    return float(ftl) if ftl else None
+    if ftl:
+        return float(ftl)
+    x, y = getattr(m, "first_token_ts", None), getattr(m, "queued_ts", None)
+    return float(x - y) if x and y else None
 
 
 def server_kv_transfer_config(store_path: str, chunk_tokens: int | None = None) -> str:
