@@ -279,7 +279,9 @@ class VLLMEngine(Engine):
     def generate(self, token_ids: Sequence[int], context: PlannedContext, *, max_new_tokens: int = 128,
                  stop_ids: Sequence[int] | None = None) -> Generation:
         stop = self.stop_token_ids() if stop_ids is None else list(stop_ids)
+        before = self.connector_stats()
         out, n_ctx, wall = self._run(token_ids, context, max_tokens=max_new_tokens, stop_ids=stop)
+        load_s = self.connector_stats().get("load_s", 0.0) - before.get("load_s", 0.0)
         comp = out.outputs[0]
         toks = [int(t) for t in comp.token_ids]
         if toks and toks[-1] in stop:
@@ -288,7 +290,7 @@ class VLLMEngine(Engine):
         prompt_len = n_ctx + len(token_ids)
         ttft = _ttft(out)
         return Generation(toks, prefill_tokens=prompt_len - cached, reused_tokens=cached,
-                          ttft_s=ttft if ttft is not None else wall, total_s=wall,
+                          ttft_s=ttft if ttft is not None else wall, total_s=wall, load_s=load_s,
                           extra={"vllm_num_cached_tokens": cached, "vllm_ttft_s": ttft, "context_tokens": n_ctx,
                                  "connector": self.connector_stats()})
 
