@@ -25,6 +25,7 @@ pytest.importorskip(
 import torch  # noqa: E402
 
 from kv_agent.errors import InvalidArgumentError  # noqa: E402
+from kv_agent.store import Segment  # noqa: E402
 from sglang_harness import BACKEND, FINGERPRINT, Harness  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -135,6 +136,28 @@ def test_records_are_canonical_segments_with_positions(tmp_path):
         # canonical K of layer 1, head 0, token 9 == SGLang's layer_first buffer [k, layer, slot, head]
         assert torch.equal(kv[1, 0, 0, 1], h.host_pool.kv_buffer[0, 1, int(idx[9]), 0])
         assert torch.equal(kv[0, 1, 1, 3], h.host_pool.kv_buffer[1, 0, int(idx[11]), 1])
+    finally:
+        h.close()
+
+
+def test_clear_removes_this_namespaces_pages_only(tmp_path):
+    path = str(tmp_path / "store")
+    h = Harness(extra={"namespace": "a", "path": path, "sync": False})
+    try:
+        ids = tokens(8)
+        assert h.backup(h.fill(ids, seed=6), ids) == 8
+        other = Segment(
+            torch.zeros(1, 2, 1, 2, 4),
+            tokens=[1, 2],
+            model=h.backend.fingerprint,
+            ns="a",
+            session="s",
+            turn=0,
+        )
+        h.backend.store.put(other)  # a kv-agent memory record in the same store and namespace
+        assert h.backend.clear() is True
+        assert h.backend.batch_exists(h.page_hashes(ids)) == 0
+        assert h.backend.store.contains(other.key)
     finally:
         h.close()
 

@@ -39,12 +39,6 @@ from kv_agent.engines import base
 from kv_agent.engines.base import Capture, Engine, Generation, PlannedContext
 from kv_agent.errors import FailedPreconditionError, InvalidArgumentError
 
-_TORCH_DTYPES = {
-    _core.DType.f32: torch.float32,
-    _core.DType.f16: torch.float16,
-    _core.DType.bf16: torch.bfloat16,
-}
-
 
 def page_hashes(token_ids: Sequence[int], page_size: int) -> list[str]:
     """SGLang's storage page hashes of ``token_ids`` (full pages only), by SGLang's own function."""
@@ -204,16 +198,11 @@ class SGLangEngine(Engine):
         total = time.perf_counter() - t0
         meta = out.get("meta_info", {})
         cached = int(meta.get("cached_tokens", 0))
-        ttft = (
-            meta.get("e2e_latency", total)
-            if int(meta.get("completion_tokens", 0)) <= 1
-            else meta.get("ttft", total)
-        )
         return Generation(
             list(out.get("output_ids", [])),
             prefill_tokens=len(prompt) - cached,
             reused_tokens=cached,
-            ttft_s=float(ttft) + load_s,
+            ttft_s=total,  # SGLang's offline generate() reports no first-token time: the whole call
             total_s=total,
             load_s=load_s,
             extra={"planned_pages": len(pages.hashes), "meta_info": meta},
