@@ -9,7 +9,8 @@ runs in its prefetch thread) loads N resident pages from a host-only store into 
 slots; the limit is a cache-cold memcpy of the same bytes (one contiguous copy per page over the
 same working-set size). Disk tier: the same read after the store is closed and reopened (host
 tier empty, records read from the segment files); the limit is a sequential O_DIRECT read of a
-file of the same size in page-sized chunks. Reports wall-clock and process CPU time rates
+file of the same size in page-sized chunks, written just before the store's pages (a file just
+written may be cached below the VM: same age for both). Reports wall-clock and process CPU time rates
 (the machine is shared: CPU time is the fairer host comparison) and medians over --reps.
 Copies run with one torch thread unless ``--threads`` says otherwise.
 """
@@ -49,7 +50,8 @@ def memcpy_limit(page_bytes, pages):
     return timed(lambda: [d.copy_(s) for d, s in zip(dst, src, strict=True)])
 
 
-def disk_limit(path, page_bytes, pages):
+def write_limit_file(path, page_bytes, pages):
+    """The sequential-read limit's file, written just before the store's pages (same age on disk)."""
     fn = os.path.join(path, "seq_limit.bin")
     buf = mmap.mmap(-1, page_bytes)
     buf.write(b"\1" * page_bytes)
@@ -58,6 +60,11 @@ def disk_limit(path, page_bytes, pages):
             f.write(buf)
         f.flush()
         os.fsync(f.fileno())
+    return fn
+
+
+def disk_limit(fn, page_bytes, pages):
+    buf = mmap.mmap(-1, page_bytes)
     fd = os.open(fn, os.O_RDONLY | os.O_DIRECT)
     try:
 
@@ -69,7 +76,6 @@ def disk_limit(path, page_bytes, pages):
         return timed(read)
     finally:
         os.close(fd)
-        os.unlink(fn)
 
 
 def sglang_read(h, hashes, pages):
@@ -96,6 +102,7 @@ def bench_shape(name, pages, reps, disk_dir):
     ids = list(range(1, pages * P + 1))
     with tempfile.TemporaryDirectory(dir=disk_dir) as d:
         store_dir = os.path.join(d, "store")
+        limit_file = write_limit_file(d, page_bytes, pages)
         extra = {"interface_v1": 1, "path": store_dir, "host_capacity_bytes": 4 * total, "sync": False}
         h = Harness(
             layers=L,
@@ -134,7 +141,7 @@ def bench_shape(name, pages, reps, disk_dir):
             assert n == pages
             disk.append((w, c))
             h.close()
-            lim_d.append(disk_limit(d, page_bytes, pages))
+            lim_d.append(disk_limit(limit_file, page_bytes, pages))
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
     rows.append(
         (
