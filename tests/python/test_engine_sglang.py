@@ -139,13 +139,7 @@ def test_plan_without_token_ids_is_refused():
 
 def _hf_capture(model, tok, ids):
     """Pre-RoPE canonical KV [L, 2, H, T, D] from kv-agent's transformers adapter."""
-    try:
-        engine = base.create("hf", model=(model, tok))
-    except InvalidArgumentError:  # "hf" not yet on the registry: the adapter's own API
-        from kv_agent.engines.hf import HFEngine
-
-        return HFEngine(model, tok).capture(ids)[0].kv
-    return engine.capture(ids).kv
+    return base.create("hf", model=(model, tok)).capture(ids).kv
 
 
 @pytest.mark.model
