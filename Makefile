@@ -22,7 +22,8 @@ APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev
 	liburing-dev libsqlite3-dev libhiredis-dev redis-server
 
 .PHONY: pydev all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
-	demo gpu-test lint format clean bench vllm-venv test-engine-vllm
+	sglang-venv test-engine-sglang vllm-venv test-engine-vllm \
+	demo gpu-test lint format clean bench
 
 all: build
 
@@ -73,7 +74,7 @@ tsan: deps-apt
 
 test-sanitize: asan tsan
 
-test: test-cpp test-py test-sanitize test-engine-vllm
+test: test-cpp test-py test-sanitize test-engine-vllm test-engine-sglang
 
 # vLLM (community CPU build from PyPI) in its own venv: it pins torch 2.13.0+cpu and
 # transformers<5.20 (docs/engine-vllm.md). It pulls CUDA builds of torchvision, torchaudio and
@@ -96,6 +97,28 @@ vllm-venv: build-py $(VLLM_VENV)/.deps-stamp
 
 test-engine-vllm: vllm-venv
 	$(VLLM_PY) -m pytest -m engine -q tests/python/test_engine_vllm*.py
+
+# SGLang 0.5.23 in its own venv (its torch/transformers pins differ from .venv's): the minimal set
+# from requirements-sglang.txt + sglang without its CUDA-only dependencies. This package comes
+# from the source tree (a .pth file) with the extension build-py made for the same interpreter
+# (linked next to the sources, as pydev does), so nothing is compiled twice.
+# SGLang's server cannot start without its CUDA kernels: docs/engine-sglang.md.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_PY := $(SGLANG_VENV)/bin/python
+SGLANG_VERSION := 0.5.23
+
+$(SGLANG_VENV)/.deps-stamp: requirements-sglang.txt
+	test -x $(SGLANG_PY) || $(PY_SYS) -m venv $(SGLANG_VENV)
+	$(SGLANG_PY) -m pip install -q -r requirements-sglang.txt
+	$(SGLANG_PY) -m pip install -q --no-deps sglang==$(SGLANG_VERSION)
+	touch $@
+
+sglang-venv: build-py $(SGLANG_VENV)/.deps-stamp
+	echo "$(CURDIR)/python" > $$($(SGLANG_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/kv_agent_src.pth
+	ln -sf $$($(PY) -c 'import os, kv_agent._core as c; print(os.path.realpath(c.__file__))') python/kv_agent/
+
+test-engine-sglang: sglang-venv
+	$(SGLANG_PY) -m pytest -m engine -q tests/python/test_engine_sglang_storage.py tests/python/test_engine_sglang.py
 
 # In-tree development build of the extension without pip: build-py/ + a symlink in
 # python/kv_agent, used with PYTHONPATH=python (several work trees can share one venv).
