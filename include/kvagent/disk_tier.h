@@ -53,7 +53,7 @@
 #include "kvagent/env.h"
 #include "kvagent/segment.h"
 #include "kvagent/status.h"
-#include "kvagent/store.h"
+#include "kvagent/store_types.h"
 
 namespace kvagent {
 

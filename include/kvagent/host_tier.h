@@ -49,7 +49,7 @@
 #include "kvagent/hash.h"
 #include "kvagent/segment.h"
 #include "kvagent/status.h"
-#include "kvagent/store.h"
+#include "kvagent/store_types.h"
 
 namespace kvagent {
 

@@ -1,4 +1,4 @@
-#include "kvagent/store.h"
+#include "kvagent/store_types.h"
 
 namespace kvagent {
 

@@ -117,6 +117,7 @@ class TieredStore final : public Store {
   uint64_t next_seq_ = 1;
   uint64_t done_seq_ = 0;  // seq of the last op the writer finished; ops are applied in seq order
   size_t failed_count_ = 0;
+  uint64_t blocked_puts_ = 0;  // Puts inside WaitForSlotLocked's wait
   uint64_t write_errors_ = 0;
   Status last_write_error_;
   bool closing_ = false;
@@ -174,7 +175,9 @@ Status TieredStore::WaitForSlotLocked(std::unique_lock<std::mutex>& lock) {
     if (failed_count_ > 0)
       return UnavailableError("write-behind queue is full of failed disk writes (" + std::to_string(failed_count_) +
                               " segments kept in memory; Flush() retries them): " + last_write_error_.ToString());
+    ++blocked_puts_;
     cv_.wait(lock);
+    --blocked_puts_;
   }
 }
 
@@ -619,6 +622,7 @@ StoreStats TieredStore::Stats() {
   std::lock_guard<std::mutex> lock(mu_);
   s.write_queue_depth = queue_.size() + failed_count_;
   s.write_errors = write_errors_;
+  s.blocked_puts = blocked_puts_;
   return s;
 }
 

@@ -5,7 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <chrono>
 #include <thread>
 
 #include "kvagent/host_tier.h"
@@ -16,7 +15,6 @@
 namespace kvagent {
 namespace {
 
-using namespace std::chrono_literals;
 using testing::CheckSegment;
 using testing::MakeSegment;
 using testing::StoreBackend;
@@ -24,13 +22,11 @@ using testing::StoreHarness;
 using testing::TestKey;
 using testing::TestModel;
 
-// Polls `cond` for up to 5 s (for state reached by the background writer).
+// Spins (yielding, no clock) until `cond` holds or `done` is set; returns cond(). For state that
+// another thread reaches without a notification to wait on (Stats()).
 template <typename F>
-bool Eventually(F cond) {
-  for (int i = 0; i < 500; ++i) {
-    if (cond()) return true;
-    std::this_thread::sleep_for(10ms);
-  }
+bool SpinUntil(F cond, const std::atomic<bool>& done) {
+  while (!cond() && !done.load()) std::this_thread::yield();
   return cond();
 }
 
@@ -197,7 +193,7 @@ TEST(StoreWriteBehindTest, PutBlocksWhenQueueIsFullAndFlushDrains) {
   h.fake().gate_closed = true;
   // One write is taken by the writer (blocked at the gate), three wait in the queue.
   ASSERT_TRUE(h.store()->Put(MakeSegment(0, 1)).ok());
-  ASSERT_TRUE(Eventually([&] { return h.fake().waiting.load() == 1; }));
+  h.fake().WaitForWaiting(1);
   for (uint64_t id = 1; id < 4; ++id) ASSERT_TRUE(h.store()->Put(MakeSegment(id, 1)).ok());
   EXPECT_EQ(h.store()->Stats().write_queue_depth, 3u);
 
@@ -206,8 +202,10 @@ TEST(StoreWriteBehindTest, PutBlocksWhenQueueIsFullAndFlushDrains) {
     EXPECT_TRUE(h.store()->Put(MakeSegment(4, 1)).ok());
     done = true;
   });
-  std::this_thread::sleep_for(200ms);
-  EXPECT_FALSE(done.load()) << "Put did not block on a full write-behind queue";
+  // The fifth Put waits for a queue slot (and only that: it has not returned).
+  EXPECT_TRUE(SpinUntil([&] { return h.store()->Stats().blocked_puts == 1; }, done))
+      << "Put did not block on a full write-behind queue";
+  EXPECT_FALSE(done.load());
   // Reads are not blocked by back-pressure, including of queued segments.
   auto got = h.store()->Get(TestKey(2), TestModel());
   ASSERT_TRUE(got.ok());
@@ -226,16 +224,36 @@ TEST(StoreWriteBehindTest, SlowDiskThrottlesPutsToDiskSpeed) {
   o.write_queue_limit = 2;
   StoreHarness h(StoreBackend::kFakeDisk, o);
   ASSERT_TRUE(h.Open().ok());
-  h.fake().write_delay_us = 20000;  // 20 ms per record
-  const auto t0 = std::chrono::steady_clock::now();
-  for (uint64_t id = 0; id < 10; ++id) ASSERT_TRUE(h.store()->Put(MakeSegment(id, 1)).ok());
-  const auto put_time = std::chrono::steady_clock::now() - t0;
-  // 10 puts; when the last returns at most 2 are queued and 2 taken by the writer (the fake tier
-  // writes in SubmitBatch, so one batch is being written, the next waits for it): >= 6 done.
-  EXPECT_GE(put_time, 6 * 20ms);
-  EXPECT_LE(h.store()->Stats().write_queue_depth, 2u);
+  // The disk writes one record per permit; Puts may run ahead of it by at most the queue (2) and
+  // what the writer has taken (the fake tier writes in SubmitBatch, so one batch is being written
+  // and the next waits for it: 2).
+  h.fake().gate_closed = true;
+  constexpr int kPuts = 10;
+  std::atomic<int> returned{0};
+  std::atomic<bool> done{false};
+  std::thread putter([&] {
+    for (uint64_t id = 0; id < kPuts; ++id) {
+      EXPECT_TRUE(h.store()->Put(MakeSegment(id, 1)).ok());
+      ++returned;
+    }
+    done = true;
+  });
+  int blocked = 0;
+  while (!done.load()) {
+    if (!SpinUntil([&] { return h.store()->Stats().blocked_puts == 1; }, done)) break;
+    ++blocked;
+    const int acknowledged = returned.load();  // before the writes: both only grow
+    const int written = h.fake().puts.load();
+    EXPECT_LE(acknowledged - written, 4) << "Puts ran ahead of the disk";
+    EXPECT_LE(h.store()->Stats().write_queue_depth, 2u);
+    h.fake().Permit(1);
+  }
+  putter.join();
+  EXPECT_GE(blocked, 1) << "no Put ever waited for the disk";
+  EXPECT_GE(h.fake().puts.load(), kPuts - 4);
+  h.fake().OpenGate();
   ASSERT_TRUE(h.store()->Flush().ok());
-  EXPECT_EQ(h.fake().puts.load(), 10);
+  EXPECT_EQ(h.fake().puts.load(), kPuts);
 }
 
 TEST(StoreWriteBehindTest, QueuedSegmentIsReadableBeforeItReachesDisk) {
@@ -268,7 +286,7 @@ TEST(StoreWriteBehindTest, DeleteCancelsQueuedWriteAndOlderDiskCopy) {
   ASSERT_TRUE(h.store()->Flush().ok());  // version 1 on disk
   h.fake().gate_closed = true;
   ASSERT_TRUE(h.store()->Put(MakeSegment(2, 1)).ok());  // taken by the writer, waits at the gate
-  ASSERT_TRUE(Eventually([&] { return h.fake().waiting.load() == 1; }));
+  h.fake().WaitForWaiting(1);
   ASSERT_TRUE(h.store()->Put(MakeSegment(1, 2)).ok());  // queued behind it
   ASSERT_TRUE(h.store()->Delete(TestKey(1)).ok());
   EXPECT_FALSE(h.store()->Contains(TestKey(1)));

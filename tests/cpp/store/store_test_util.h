@@ -5,14 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 
 #include "kvagent/disk_tier.h"
 #include "kvagent/segment.h"
@@ -90,8 +88,8 @@ struct FakeDiskState {
   std::condition_variable cv;
   std::map<Hash128, SegmentHandle> records;  // what is "on disk"
   std::atomic<bool> fail_writes{false};
-  std::atomic<bool> gate_closed{false};  // Put and Delete wait while true
-  std::atomic<int> write_delay_us{0};
+  std::atomic<bool> gate_closed{false};  // Put and Delete wait while true...
+  int permits = 0;                       // ...unless a permit lets one through (guarded by mu)
   std::atomic<int> puts{0};
   std::atomic<int> deletes{0};
   std::atomic<int> waiting{0};  // writes blocked at the gate
@@ -101,6 +99,17 @@ struct FakeDiskState {
     std::lock_guard<std::mutex> l(mu);
     gate_closed = false;
     cv.notify_all();
+  }
+  // Lets `n` more writes through a closed gate.
+  void Permit(int n) {
+    std::lock_guard<std::mutex> l(mu);
+    permits += n;
+    cv.notify_all();
+  }
+  // Blocks until exactly `n` writes wait at the gate.
+  void WaitForWaiting(int n) {
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait(l, [&] { return waiting.load() == n; });
   }
 };
 
@@ -180,10 +189,12 @@ class FakeDiskTier final : public DiskTier {
     {
       std::unique_lock<std::mutex> l(st_->mu);
       ++st_->waiting;
-      st_->cv.wait(l, [&] { return !st_->gate_closed.load(); });
+      st_->cv.notify_all();
+      st_->cv.wait(l, [&] { return !st_->gate_closed.load() || st_->permits > 0; });
+      if (st_->gate_closed.load()) --st_->permits;
       --st_->waiting;
+      st_->cv.notify_all();
     }
-    if (int d = st_->write_delay_us.load()) std::this_thread::sleep_for(std::chrono::microseconds(d));
     if (st_->fail_writes) return ResourceExhaustedError("fake disk: injected write failure");
     return Status::Ok();
   }
