@@ -108,11 +108,6 @@ Status RopeApply(const RopeSpec& spec, int head_dim, const RopeTensorView& in, c
 Status RopeReposition(const RopeSpec& spec, int head_dim, const RopeTensorView& in, const RopeTensorView& out,
                       std::span<const int64_t> from, std::span<const int64_t> to, const RopeOptions& options = {});
 
-// Same as RopeApply but with frequencies computed by the caller (reused across calls).
-Status RopeApplyWithFrequencies(const RopeFrequencies& freqs, const RopeTensorView& in, const RopeTensorView& out,
-                                std::span<const int64_t> positions, RopeDirection direction,
-                                const RopeOptions& options = {});
-
 // ---- Segment-level helpers over the canonical payload [layer][k|v][kv_head][token][dim] ----
 // Only K planes change; V planes and layers whose RoPE is disabled are left untouched. Each
 // layer uses spec.layers[l].rope; layers with equal RopeSpecs share one cos/sin table.

@@ -54,14 +54,6 @@ Status Rotate(const RopeFrequencies& freqs, std::span<const PlanePair> planes, s
   return Status::Ok();
 }
 
-Status CheckFreqs(const RopeFrequencies& f) {
-  if (f.head_dim <= 0 || f.rotary_dim < 2 || f.rotary_dim % 2 != 0 || f.rotary_dim > f.head_dim ||
-      f.inv_freq.size() != static_cast<size_t>(f.rotary_dim / 2) || !(f.attention_factor > 0)) {
-    return InvalidArgumentError("rope: inconsistent RopeFrequencies (use ComputeRopeFrequencies)");
-  }
-  return Status::Ok();
-}
-
 Status ApplyChecked(const RopeFrequencies& freqs, const RopeTensorView& in, const RopeTensorView& out,
                     std::span<const int64_t> positions, RopeDirection direction, const RopeOptions& options) {
   const PlanePair pair{in, out};
@@ -145,15 +137,6 @@ Status SegmentKeys(const ModelSpec& spec, const SegmentLayout& layout, std::span
 }
 
 }  // namespace
-
-Status RopeApplyWithFrequencies(const RopeFrequencies& freqs, const RopeTensorView& in, const RopeTensorView& out,
-                                std::span<const int64_t> positions, RopeDirection direction,
-                                const RopeOptions& options) {
-  KVAGENT_RETURN_IF_ERROR(CheckFreqs(freqs));
-  KVAGENT_RETURN_IF_ERROR(CheckPair(in, out, freqs.head_dim, positions.size()));
-  KVAGENT_RETURN_IF_ERROR(CheckPositions(positions, "rope"));
-  return ApplyChecked(freqs, in, out, positions, direction, options);
-}
 
 Status RopeApply(const RopeSpec& spec, int head_dim, const RopeTensorView& in, const RopeTensorView& out,
                  std::span<const int64_t> positions, RopeDirection direction, const RopeOptions& options) {
