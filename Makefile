@@ -15,7 +15,7 @@ JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 LOCOMO ?= ../shared/data/locomo/locomo10_dev.json
 # Multi-threaded tests run under ThreadSanitizer.
-TSAN_TESTS := store_concurrency_test index_concurrency_test disk_thread_test
+TSAN_TESTS := store_concurrency_test index_concurrency_test disk_thread_test thread_pool_test
 space := $(subst ,, )
 
 APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \

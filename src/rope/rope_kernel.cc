@@ -1,6 +1,6 @@
 // CPU rotation: one cos/sin table per call (shared by all heads and layers of a spec), rows
 // widened to f32 in small stack buffers so the rotation loop has no aliasing and vectorises,
-// work split over (plane, head, token block) units across std::threads.
+// work split over (plane, head, token block) units across the shared thread pool.
 #include "rope/rope_kernel.h"
 
 #include <algorithm>
@@ -9,6 +9,8 @@
 #include <functional>
 #include <string>
 #include <thread>
+
+#include "core/thread_pool.h"
 
 namespace kvagent::rope_detail {
 namespace {
@@ -19,22 +21,12 @@ constexpr size_t kElementsPerThread = size_t{1} << 16;  // below this, threads c
 constexpr int kMaxHeadDim = 4096;
 constexpr int64_t kPrefetchRows = 16;  // bf16 rows prefetched ahead (for write: rotated in place)
 
+// `threads` contiguous ranges of [0, n) on the shared persistent pool (the caller works too).
 void ParallelFor(int64_t n, int threads, const std::function<void(int64_t, int64_t)>& fn) {
-  threads = static_cast<int>(std::min<int64_t>(threads, n));
-  if (threads <= 1) {
-    if (n > 0) fn(0, n);
-    return;
-  }
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<size_t>(threads - 1));
-  auto range = [&](int k) { return std::pair<int64_t, int64_t>{n * k / threads, n * (k + 1) / threads}; };
-  for (int k = 1; k < threads; ++k) {
-    auto [b, e] = range(k);
-    workers.emplace_back([&fn, b, e] { fn(b, e); });
-  }
-  auto [b, e] = range(0);
-  fn(b, e);
-  for (std::thread& w : workers) w.join();
+  if (n <= 0) return;
+  ThreadPool::Shared().ParallelFor(static_cast<size_t>(n), threads, [&](size_t b, size_t e, int) {
+    fn(static_cast<int64_t>(b), static_cast<int64_t>(e));
+  });
 }
 
 // The build's -O2 leaves these loops scalar on older GCC; the kernel needs the vectoriser.
