@@ -22,6 +22,7 @@ Status ModelSpec::Validate() const {
   if (head_dim <= 0 || head_dim % 2 != 0) return bad("head_dim must be positive and even");
   if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16 && kv_dtype != DType::kBF16)
     return bad("kv_dtype must be f32, f16 or bf16");
+  if (!std::isfinite(attn_scale) || attn_scale < 0) return bad("attn_scale must be finite and >= 0");
   if (static_cast<int>(layers.size()) != num_layers)
     return bad("layers has " + std::to_string(layers.size()) + " entries, num_layers is " + std::to_string(num_layers));
   for (int l = 0; l < num_layers; ++l) {
@@ -29,6 +30,14 @@ Status ModelSpec::Validate() const {
     std::string at = " (layer " + std::to_string(l) + ")";
     if (ls.sliding_window < 0) return bad("sliding_window must be >= 0" + at);
     const RopeSpec& r = ls.rope;
+    // Every number finite, enabled or not (found by model_spec_fuzz: a NaN in a disabled layer
+    // made a deserialised spec unequal to itself).
+    for (double v : {r.theta, r.factor, r.low_freq_factor, r.high_freq_factor, r.beta_fast, r.beta_slow,
+                     r.attention_factor})
+      if (!std::isfinite(v)) return bad("rope parameters must be finite" + at);
+    if (static_cast<uint8_t>(r.style) > static_cast<uint8_t>(RopeStyle::kInterleaved) ||
+        static_cast<uint8_t>(r.scaling) > static_cast<uint8_t>(RopeScaling::kDynamicNtk))
+      return bad("unknown rope style or scaling" + at);
     if (!r.enabled) continue;
     int rd = r.rotary_dim == 0 ? head_dim : r.rotary_dim;
     if (rd <= 0 || rd > head_dim || rd % 2 != 0) return bad("rotary_dim must be even and <= head_dim" + at);
