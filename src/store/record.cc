@@ -169,14 +169,14 @@ Status DecodeMeta(std::string_view in, int num_tokens, Segment* s) {
   if (n != static_cast<uint32_t>(num_tokens)) return DataLossError("record token count disagrees with layout");
   if (r.remaining() < static_cast<size_t>(n) * sizeof(int32_t)) return DataLossError("record tokens truncated");
   s->tokens.resize(n);
-  std::memcpy(s->tokens.data(), in.data() + r.position(), n * sizeof(int32_t));
+  if (n > 0) std::memcpy(s->tokens.data(), in.data() + r.position(), n * sizeof(int32_t));  // data() may be null at 0
   WireReader skip(in.substr(r.position() + n * sizeof(int32_t)));
   KVAGENT_RETURN_IF_ERROR(skip.U32(&n));
   if (n != static_cast<uint32_t>(num_tokens)) return DataLossError("record position count disagrees with layout");
   if (skip.remaining() < static_cast<size_t>(n) * sizeof(int64_t)) return DataLossError("record positions truncated");
   size_t pos_at = in.size() - skip.remaining();
   s->positions.resize(n);
-  std::memcpy(s->positions.data(), in.data() + pos_at, n * sizeof(int64_t));
+  if (n > 0) std::memcpy(s->positions.data(), in.data() + pos_at, n * sizeof(int64_t));
   WireReader rest(in.substr(pos_at + n * sizeof(int64_t)));
   KVAGENT_RETURN_IF_ERROR(GetMeta(&rest, &s->meta));
   KVAGENT_RETURN_IF_ERROR(rest.String(&s->summary));
