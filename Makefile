@@ -4,6 +4,7 @@
 #   make test   - install deps, build, run C++ (ctest: unit, model, e2e, redis) and Python tests
 #   make demo   - the main job: LoCoMo memory demo on the default model with a local store
 #   make gpu-test (on a GPU machine) - CUDA kernels and gpu-labelled tests
+#   make fuzz   - libFuzzer targets (clang, ASan+UBSan), FUZZ_SECONDS each (part of make test)
 
 SHELL := /bin/bash
 PY_SYS ?= python3
@@ -19,11 +20,11 @@ TSAN_TESTS := store_concurrency_test index_concurrency_test disk_thread_test thr
 space := $(subst ,, )
 
 APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \
-	liburing-dev libsqlite3-dev libhiredis-dev redis-server
+	liburing-dev libsqlite3-dev libhiredis-dev redis-server clang-19 libclang-rt-19-dev
 
 .PHONY: pydev all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
 	sglang-venv test-engine-sglang vllm-venv test-engine-vllm \
-	demo gpu-test lint format clean bench
+	demo gpu-test lint format clean bench fuzz
 
 all: build
 
@@ -74,7 +75,16 @@ tsan: deps-apt
 
 test-sanitize: asan tsan
 
-test: test-cpp test-py test-sanitize test-engine-vllm test-engine-sglang
+# libFuzzer targets (tests/fuzz), built with clang under ASan+UBSan, each run FUZZ_SECONDS.
+# clang 19: Debian 12's default clang 14 rejects __builtin_cpu_supports("f16c") (src/index).
+FUZZ_SECONDS ?= 12
+fuzz: deps-apt
+	cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang-19 -DCMAKE_CXX_COMPILER=clang++-19 \
+	  -DKVAGENT_FUZZ=ON -DKVAGENT_SANITIZE=address -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_TESTS=OFF -DKVAGENT_BUILD_BENCH=OFF $(CMAKE_FLAGS)
+	cmake --build build-fuzz -j $(JOBS) --target fuzz_targets
+	tests/fuzz/run_fuzz.sh build-fuzz $(FUZZ_SECONDS)
+
+test: test-cpp test-py test-sanitize test-engine-vllm test-engine-sglang fuzz
 
 # vLLM (community CPU build from PyPI) in its own venv: it pins torch 2.13.0+cpu and
 # transformers<5.20 (docs/engine-vllm.md). It pulls CUDA builds of torchvision, torchaudio and
@@ -150,4 +160,4 @@ format: deps-py
 	clang-format -i $$(git ls-files '*.h' '*.cc' '*.cu' '*.cuh')
 
 clean:
-	rm -rf $(BUILD) build-asan build-tsan build-gpu
+	rm -rf $(BUILD) build-asan build-tsan build-gpu build-fuzz

@@ -18,3 +18,12 @@ if(_san)
   target_compile_options(kvagent_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:${_san}>)
   target_link_options(kvagent_flags INTERFACE ${_san})
 endif()
+
+# KVAGENT_FUZZ: coverage instrumentation for libFuzzer on every object (the targets themselves
+# link -fsanitize=fuzzer, tests/fuzz/CMakeLists.txt).
+if(KVAGENT_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "KVAGENT_FUZZ needs clang (CMAKE_CXX_COMPILER=clang++)")
+  endif()
+  target_compile_options(kvagent_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=fuzzer-no-link>)
+endif()
