@@ -20,11 +20,11 @@ TSAN_TESTS := store_concurrency_test index_concurrency_test disk_thread_test thr
 space := $(subst ,, )
 
 APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \
-	liburing-dev libsqlite3-dev libhiredis-dev redis-server clang-19 libclang-rt-19-dev
+	liburing-dev libsqlite3-dev libhiredis-dev redis-server clang-19 libclang-rt-19-dev ccache
 
 .PHONY: pydev all deps deps-apt deps-py build build-py test test-cpp test-py test-sanitize asan tsan \
 	sglang-venv test-engine-sglang vllm-venv test-engine-vllm \
-	demo gpu-test lint format clean bench fuzz
+	demo gpu-test lint format clean bench fuzz llama-cpp
 
 all: build
 
@@ -47,13 +47,18 @@ $(VENV)/.deps-stamp: pyproject.toml requirements-dev.txt
 
 deps-py: $(VENV)/.deps-stamp
 
+# llama.cpp's static libraries for the llama.cpp engine, built once from the llama-cpp-python
+# sdist's vendored sources into build-deps/ (CMake's KVAGENT_LLAMA_CPP=AUTO picks them up).
+llama-cpp: deps-apt deps-py
+	scripts/build_llama_cpp.sh $(PY)
+
 # C++ library, tests and benchmarks.
-build: deps-apt
+build: deps-apt llama-cpp
 	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
 	cmake --build $(BUILD) -j $(JOBS)
 
 # The Python package with its nanobind extension, installed editable into .venv.
-build-py: deps-apt deps-py
+build-py: deps-apt deps-py llama-cpp
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 test-cpp: build
@@ -64,12 +69,12 @@ test-py: build-py
 
 # ASan+UBSan over the unit suite, TSan over the concurrency tests.
 asan: deps-apt
-	cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVAGENT_SANITIZE=address -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_BENCH=OFF
+	cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVAGENT_SANITIZE=address -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_LLAMA_CPP=OFF
 	cmake --build build-asan -j $(JOBS)
 	ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan -L unit --output-on-failure -j $(JOBS)
 
 tsan: deps-apt
-	cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVAGENT_SANITIZE=thread -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_BENCH=OFF
+	cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVAGENT_SANITIZE=thread -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_LLAMA_CPP=OFF
 	cmake --build build-tsan -j $(JOBS) --target $(TSAN_TESTS)
 	TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan -L unit -R '$(subst $(space),|,$(TSAN_TESTS))' --output-on-failure
 
@@ -134,7 +139,7 @@ test-engine-sglang: sglang-venv
 # python/kv_agent, used with PYTHONPATH=python (several work trees can share one venv).
 # PYDEV_CUDA=ON builds the CUDA bindings in (kv_agent.cuda, Store.get_device; needs nvcc).
 PYDEV_CUDA ?= OFF
-pydev: deps-apt
+pydev: deps-apt llama-cpp
 	cmake -S . -B build-py -G Ninja -DKVAGENT_BUILD_PYTHON=ON -DKVAGENT_BUILD_TESTS=OFF -DKVAGENT_BUILD_BENCH=OFF \
 	  -DKVAGENT_CUDA=$(PYDEV_CUDA) -DPython_EXECUTABLE=$(abspath $(PY))
 	cmake --build build-py -j $(JOBS)

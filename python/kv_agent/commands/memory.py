@@ -10,7 +10,11 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive multi-session chat with KV memory")
     p.add_argument("--store", default=None, help="memory directory (default: $KVAGENT_HOME/memory)")
-    p.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M from PyPI)")
+    p.add_argument("--engine", default="hf", choices=("hf", "llama.cpp"),
+                   help="inference engine (llama.cpp: the GGUF runs on llama.cpp, see docs/engine-llama-cpp.md)")
+    p.add_argument("--model", default=None,
+                   help="local HF model directory, or a GGUF file with --engine llama.cpp "
+                        "(default: Gemma 3 270M from PyPI)")
     p.add_argument("--session", default=None, help="session id (default: a new one; sessions share memory)")
     p.add_argument("--namespace", default="default")
     p.add_argument("--top-k", type=int, default=4)
@@ -38,7 +42,7 @@ def _chat(args: argparse.Namespace) -> int:
     console = Console()
     with console.status("loading model and memory..."):
         memory = AgentMemory(args.store, backend="gpu", namespace=args.namespace)
-        cm = CacheManager(engine="hf", model=args.model, memory=memory, session=args.session)
+        cm = CacheManager(engine=args.engine, model=args.model, memory=memory, session=args.session)
     console.print(f"[bold]kv-agent chat[/] session [cyan]{cm.session}[/], memory {memory.path or 'in RAM'}, "
                   f"{len(memory.index)} segments indexed. Commands: /session NAME, /sessions, /quit")
     while True:
