@@ -28,7 +28,7 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
     "llama-cpp-python==$VER" -d "$DEPS"
   tar xzf "$DEPS/llama_cpp_python-$VER.tar.gz" -C "$DEPS" \
     --exclude='*/vendor/llama.cpp/models' --exclude='*/vendor/llama.cpp/docs' \
-    --exclude='*/vendor/llama.cpp/tools' --exclude='*/vendor/llama.cpp/examples' \
+    --exclude='*/vendor/llama.cpp/tools' --exclude='*/vendor/llama.cpp/examples' --exclude='*/vendor/llama.cpp/.git' \
     "llama_cpp_python-$VER/vendor/llama.cpp"
 fi
 
