@@ -56,14 +56,17 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--turns", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads of both engines (0 = all)")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"machine: {machine()}; date {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; commit {commit}", flush=True)
 
-    lc = LlamaCppEngine(context_tokens=4096)
+    threads = args.threads or os.cpu_count() or 1
+    print(f"threads per engine: {threads}", flush=True)
+    lc = LlamaCppEngine(context_tokens=4096, threads=threads)
     model, tok = load_default_model()
     hf = HFEngine(model, tok)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     n_vocab = 20000
     prompt = [lc.tokenizer.bos_token_id] + [int(x) for x in rng.integers(1000, n_vocab, args.prefill - 1)]
