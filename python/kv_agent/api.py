@@ -123,19 +123,40 @@ class AgentMemory:
     ``":memory:"`` keeps everything in host memory only. ``namespace`` and ``agent`` tag new
     segments and scope retrieval. ``remote="redis://[user:password@]host:port[/db]"`` shares the
     namespace's memories through Redis (docs/multi-agent.md).
+
+    ``backend="gpu"`` (default) on a CUDA build with a usable device: the store gets a device
+    tier of ``device_capacity_bytes`` (default :data:`DEFAULT_DEVICE_FRACTION` of the device's
+    free memory at open) that keeps recently used segments resident (engines on CUDA read them
+    with ``store.get_device``: no host -> device copy on a hit), and the latent index searches on
+    the device (``IndexOptions.device``: the default -1 becomes the device, an explicit ``"cpu"`` is kept; a
+    kind the device index cannot score, ``score="tokens"``, stays on the CPU with a warning).
+    Without CUDA (in torch or in the kv_agent build) it warns and runs as ``"cpu"``: host and
+    disk tiers, CPU index. ``backend`` tells which one is in use.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, backend: str = "gpu", namespace: str = "default",
                  agent: str = "agent", host_capacity_bytes: int = 2 << 30, disk_capacity_bytes: int = 0,
-                 codec: str = "raw", index_options=None, write_behind: bool = True, remote: str | None = None):
+                 codec: str = "raw", index_options=None, write_behind: bool = True, remote: str | None = None,
+                 device_capacity_bytes: int | None = None, device: int = 0):
         if backend not in ("gpu", "cpu"):
             raise InvalidArgumentError(f"backend must be 'gpu' or 'cpu', got {backend!r}")
         _check_text(namespace, "namespace")
         _check_text(agent, "agent")
-        if backend == "gpu" and not _cuda_available():
-            warnings.warn("AgentMemory(backend='gpu'): no CUDA device available, falling back to 'cpu'",
-                          RuntimeWarning, stacklevel=2)
-            backend = "cpu"
+        device = _check_int(device, "device", 0)
+        if device_capacity_bytes is not None:
+            device_capacity_bytes = _check_int(device_capacity_bytes, "device_capacity_bytes", 1)
+        if backend == "gpu":
+            why = _gpu_unusable(device)
+            if why:
+                warnings.warn(f"AgentMemory(backend='gpu'): {why}; falling back to 'cpu'", RuntimeWarning,
+                              stacklevel=2)
+                backend = "cpu"
+        if backend == "gpu":
+            if device_capacity_bytes is None:
+                device_capacity_bytes = _default_device_capacity(device)
+            index_options = _device_index_options(index_options, device)
+        else:
+            device_capacity_bytes = 0
         self.backend = backend
         self.namespace = namespace
         self.agent = agent
@@ -144,9 +165,11 @@ class AgentMemory:
         self.path = None if str(path) == ":memory:" else Path(path or default_memory_path()).expanduser()
         if self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
+        tier = {"device_capacity_bytes": device_capacity_bytes, "device": device} if device_capacity_bytes else {}
         self.store = Store.open(str(self.path) if self.path else None, host_capacity_bytes=host_capacity_bytes,
                                 disk_capacity_bytes=disk_capacity_bytes, codec=codec, write_behind=write_behind,
-                                remote=remote, remote_namespace=namespace)
+                                remote=remote, remote_namespace=namespace, **tier)
+        self.device_capacity_bytes = device_capacity_bytes
         self.index_options = index_options
         self.spec: _core.ModelSpec | None = None
         self.index = None
@@ -601,10 +624,48 @@ def _cpu(x):
     return x
 
 
-def _cuda_available() -> bool:
+DEFAULT_DEVICE_FRACTION = 0.25  # of the device's free memory, for the device tier of backend="gpu"
+
+
+def _gpu_unusable(device: int) -> str:
+    """Why backend="gpu" cannot run on CUDA device ``device`` here ("" when it can)."""
     try:
         import torch
-
-        return bool(torch.cuda.is_available())
     except ImportError:
-        return False
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device available"
+    if device >= torch.cuda.device_count():
+        return f"CUDA device {device} does not exist ({torch.cuda.device_count()} present)"
+    from kv_agent import cuda as kcuda
+
+    if not kcuda.is_available():
+        return "this kv_agent build has no CUDA support (build with KVAGENT_CUDA=ON)"
+    return ""
+
+
+def _default_device_capacity(device: int) -> int:
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, int(free * DEFAULT_DEVICE_FRACTION))
+
+
+def _device_index_options(options, device: int):
+    """The index options of backend="gpu": the default ``device=-1`` becomes ``device`` (an
+    explicit ``"cpu"``, ``"auto"`` or ordinal is kept); a kind the device index cannot score
+    (``score="tokens"``, ``agg="top_p"``) stays on the CPU with a warning."""
+    import dataclasses
+
+    from kv_agent.index import IndexOptions
+
+    options = options or IndexOptions()
+    if options.device != -1:
+        return options
+    unsupported = [w for w, bad in (("score='tokens'", getattr(options, "score", None) == "tokens"),
+                                    ("agg='top_p'", getattr(options, "agg", None) == "top_p")) if bad]
+    if unsupported:
+        warnings.warn(f"AgentMemory(backend='gpu'): the device index does not support {unsupported[0]}; the "
+                      "latent index searches on the CPU", RuntimeWarning, stacklevel=3)
+        return options
+    return dataclasses.replace(options, device=device)

@@ -61,6 +61,7 @@ _DTYPES = {
     torch.float16: kv_agent.DType.f16,
     torch.bfloat16: kv_agent.DType.bf16,
 }
+_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 class UnsupportedModelError(InvalidArgumentError):
@@ -188,6 +189,7 @@ class HFEngine(base.Engine):
         self._spec = None
         self._chat_format = None
         self._placed = OrderedDict()  # placement cache: context identity -> _Placed
+        self._fused = None  # fused_load_available(), decided on first use
         # transformers renamed the forward's cache argument (past_key_values -> cache, around 5.2x);
         # the other name would vanish into **kwargs and the forward would silently run without
         # the injected context, so use the one this version declares.
@@ -605,6 +607,92 @@ class HFEngine(base.Engine):
             out.append((k, v))
         return out
 
+    def fused_load_available(self) -> bool:
+        """True when planned segments are placed with the fused CUDA kernels (model on a CUDA
+        device and a CUDA build of kv_agent); otherwise placement rotates with the C++ positioner
+        on the host."""
+        if self._fused is None:
+            from kv_agent import cuda as kcuda
+
+            self._fused = self.device.type == "cuda" and kcuda.is_available()
+        return self._fused
+
+    def _device_source(self, context: PlannedContext, seg, has_tier: bool):
+        """(CUDA source of ``seg``'s canonical KV in the model's dtype, its token ids). With a
+        device tier: the store's resident copy (a DeviceSegment: no copy on a hit, one host ->
+        device copy into the tier on a miss); without one, or for a segment larger than the
+        tier, one host -> device copy of the payload."""
+        from kv_agent.errors import ResourceExhaustedError
+
+        if seg.recompute_tokens:
+            raise UnimplementedError("the transformers adapter does not recompute leading segment tokens "
+                                     "(PlanOptions.sink_repair_tokens must be 0)")
+        src = None
+        if has_tier:
+            with contextlib.suppress(ResourceExhaustedError):
+                src = context.store.get_device(seg.key, context.fingerprint)
+        if src is None:
+            src = context.store.get(seg.key, context.fingerprint)
+        n, pre_rope, tokens = int(src.num_tokens), bool(src.pre_rope), src.tokens
+        if n != seg.num_tokens:
+            raise InvalidArgumentError(f"segment {seg.key.hex()} holds {n} tokens, the plan places {seg.num_tokens}")
+        if not pre_rope:
+            raise UnimplementedError(f"segment {seg.key.hex()} holds post-RoPE keys; the adapter places pre-RoPE KV")
+        if not isinstance(src, kv_agent.cuda.DeviceSegment):
+            src = src.kv(framework="torch").to(self.device, non_blocking=True)
+        if str(src.dtype).removeprefix("torch.") not in (_DTYPE_NAMES[self.dtype], str(self.dtype).removeprefix("torch.")):
+            src = (src if isinstance(src, torch.Tensor) else src.kv()).to(self.dtype)  # the kernels copy one dtype
+        return src, tokens
+
+    def _fused_layers(self, context: PlannedContext, rest, base, hashes: list) -> list:
+        """As ``_rotated_layers`` over the segments ``rest``, on the GPU: each segment goes from
+        its CUDA source (``_device_source``) straight into the per-layer caches through
+        ``kv_agent.cuda.load``, keys rotated to their planned positions in the copy (sliding
+        layers keep the last window - 1 tokens), one segment at a time (a source is dropped once
+        its copy is enqueued, so a small device tier can evict it); ``base`` (a placed leading
+        run) is copied in front. Appends the segments' content hashes to ``hashes``."""
+        from kv_agent import cuda as kcuda
+
+        has_tier = bool(context.store.stats().get("has_device"))
+        begin = rest[0].position
+        T = sum(s.num_tokens for s in rest)
+        rope = kcuda.rope_table(self.spec)
+        stream = kcuda.current_stream(self.device.index)
+        out, keep_lo = [], []
+        for i in range(self.num_layers):
+            w = self.windows[i]
+            lo = max(0, T - (w - 1)) if w else 0  # first token of the rest this layer keeps
+            nb = 0 if base is None else int(base[i][0].shape[1])
+            if w:
+                nb = min(nb, max(0, (w - 1) - (T - lo)))
+            k = torch.empty((self.num_kv_heads, nb + T - lo, self.head_dim), device=self.device, dtype=self.dtype)
+            v = torch.empty_like(k)
+            if nb:
+                k[:, :nb].copy_(base[i][0][:, base[i][0].shape[1] - nb:])
+                v[:, :nb].copy_(base[i][1][:, base[i][1].shape[1] - nb:])
+            out.append((k, v))
+            keep_lo.append((lo, nb))
+        windowed = any(self.windows)
+        offset = 0  # token of the rest where the segment starts
+        for s in rest:
+            src, tokens = self._device_source(context, s, has_tier)
+            hashes.append(kv_agent.content_hash(context.fingerprint, [int(t) for t in tokens]))
+            if not windowed:  # every layer keeps every token: one launch for the segment
+                kcuda.load(src, [k for k, _ in out], [v for _, v in out], layout="head_major", rope=rope,
+                           rotation="apply", slots=keep_lo[0][1] + offset, new_positions=begin + offset,
+                           stream=stream)
+            for i in range(self.num_layers) if windowed else ():
+                lo, nb = keep_lo[i]
+                first = max(lo, offset)  # first token of this segment the layer keeps
+                count = offset + s.num_tokens - first
+                if count > 0:
+                    kcuda.load(src, [out[i][0]], [out[i][1]], layout="head_major", rope=rope, rotation="apply",
+                               slots=nb + first - lo, new_positions=begin + first, token_begin=first - offset,
+                               num_tokens=count, layer_begin=i, span_layer_begin=i, stream=stream)
+            offset += s.num_tokens
+            del src
+        return out
+
     @torch.no_grad()
     def _place(self, context: PlannedContext, remember: bool):
         """A DynamicCache holding ``context`` at its planned positions (see the module docstring
@@ -639,7 +727,9 @@ class HFEngine(base.Engine):
                 best, best_n = None, 0
         layers, hashes = (best["layers"], list(best["hashes"])) if best is not None else (None, [])
         rest = segs[best_n:]
-        if rest:
+        if rest and self.fused_load_available():
+            layers = self._fused_layers(context, rest, layers, hashes)
+        elif rest:
             parts = []
             for s in rest:
                 kv, h = self._segment_kv(context, s)
