@@ -21,7 +21,8 @@ class ByteTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False):
         ids = [int(i) for i in ids]
-        return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")
+        return bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size).decode(
+            "utf-8", errors="replace")  # ids past the byte range (a larger model vocabulary) decode to nothing
 
     def convert_tokens_to_ids(self, token):
         return self.unk_token_id
