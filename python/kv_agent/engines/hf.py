@@ -21,6 +21,11 @@ Injection: ``build_cache`` rotates pre-RoPE keys to their planned positions with
 window layers receive only the last ``window - 1`` tokens (all a later query can see) and the
 cache's cumulative length is set to the full context so HF builds the right masks.
 
+On CUDA (a CUDA model and a CUDA build of kv_agent, ``fused_load_available()``), planned
+segments are placed by the fused kernels instead: ``kv_agent.cuda.load`` copies each one from the
+store's device tier (``store.get_device``: no host -> device copy when resident) or from a host
+copy straight into the per-layer caches, keys rotated to their planned positions in the copy.
+
 Placement cache: the placed (rotated, window-trimmed) form of the contexts passed to ``capture``
 and ``query_vectors`` (in practice the shared system prefix) is kept, a few contexts at most, so
 storing many turns after one prefix rotates it once; ``generate`` reuses the longest cached
