@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The product path on the GPU machine, in one device call (about 6-9 minutes):
 #   bash scripts/gpu_product_run.sh
-# Builds the Python extension with CUDA there (16 cores; SQLite and xxHash headers and libraries
+# Builds the Python extension with CUDA there (16 cores; SQLite, xxHash and hiredis headers and libraries
 # from build-gpudeps/, staged on the CPU machine by `scripts/gpu_product_run.sh --stage-deps`;
 # carry ["build-gpudeps"]), runs the gpu pytest suite for the product path and the kernels
 # (tests/python/test_gpu_backend.py, test_cuda_gpu.py) and the TTFT benchmark through the public
@@ -13,9 +13,10 @@ DEPS=build-gpudeps
 if [ "${1:-}" = --stage-deps ]; then
   rm -rf "$DEPS" && mkdir -p "$DEPS/include" "$DEPS/lib"
   cp /usr/include/sqlite3.h /usr/include/sqlite3ext.h /usr/include/xxhash.h "$DEPS/include/"
-  for l in libsqlite3 libxxhash; do
-    f=$(ls /usr/lib/x86_64-linux-gnu/$l.so.0 | head -1)
-    cp -L "$f" "$DEPS/lib/$l.so.0" && cp "$DEPS/lib/$l.so.0" "$DEPS/lib/$l.so"  # links travel as links
+  cp -r /usr/include/hiredis "$DEPS/include/"
+  for l in libsqlite3.so.0 libxxhash.so.0 libhiredis.so.0.14; do
+    # plain copies under the soname and the link name (links travel as links)
+    cp -L "/usr/lib/x86_64-linux-gnu/$l" "$DEPS/lib/$l" && cp "$DEPS/lib/$l" "$DEPS/lib/${l%%.so*}.so"
   done
   ls -la "$DEPS"/*
   exit 0
@@ -31,7 +32,8 @@ t0=$(date +%s)
 (cmake -S . -B build-gpupy -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVAGENT_BUILD_PYTHON=ON -DKVAGENT_BUILD_TESTS=OFF \
    -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE="$(command -v python3)" \
    -DSQLite3_INCLUDE_DIR="$PWD/$DEPS/include" -DSQLite3_LIBRARY="$PWD/$DEPS/lib/libsqlite3.so" \
-   -DXXHASH_INCLUDE_DIR="$PWD/$DEPS/include" -DXXHASH_LIBRARY="$PWD/$DEPS/lib/libxxhash.so" &&
+   -DXXHASH_INCLUDE_DIR="$PWD/$DEPS/include" -DXXHASH_LIBRARY="$PWD/$DEPS/lib/libxxhash.so" \
+   -DHIREDIS_INCLUDE_DIR="$PWD/$DEPS/include" -DHIREDIS_LIBRARY="$PWD/$DEPS/lib/libhiredis.so" &&
  cmake --build build-gpupy -j"$(nproc)") > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; echo BUILD FAILED; exit 1; }
 echo "extension built in $(( $(date +%s) - t0 )) s"
 cp build-gpupy/bindings/_core*.so python/kv_agent/
