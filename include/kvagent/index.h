@@ -74,28 +74,53 @@ struct KeySummary {
   std::vector<float> min;
   std::vector<float> max;
   std::vector<float> mean;
+  // Optional per-token keys for token-level scoring (ScoreKind::kTokens): the keys of the tokens
+  // selected at summarise time (all tokens, or those a token mask keeps), for `token_layers`
+  // (model layer indices, strictly ascending, a subset of `layers` not required), laid out
+  // [token_layers.size()][num_kv_heads][num_token_keys][head_dim], f32 in memory, f16 serialised
+  // (rounded to nearest). Empty token_layers: no token keys (the v1 serialised form).
+  std::vector<int> token_layers;
+  int num_token_keys = 0;
+  std::vector<float> token_keys;
 
   size_t Offset(int layer_slot, int head) const {
     return (static_cast<size_t>(layer_slot) * num_kv_heads + head) * static_cast<size_t>(head_dim);
   }
   // Slot of model layer `layer` in `layers`, or -1.
   int LayerSlot(int layer) const;
+  // Slot of model layer `layer` in `token_layers`, or -1.
+  int TokenLayerSlot(int layer) const;
+  // First of the num_token_keys x head_dim keys of (token layer slot, kv head).
+  const float* TokenKeys(int token_slot, int head) const {
+    return token_keys.data() +
+           (static_cast<size_t>(token_slot) * num_kv_heads + head) * num_token_keys * static_cast<size_t>(head_dim);
+  }
 
   // Summarises keys laid out as [num_layers][num_kv_heads][num_tokens][head_dim] (dense,
   // element type `dtype`: f32, f16 or bf16). `layers`: model layer indices to keep (any order,
   // no duplicates, each < num_layers); empty = all. InvalidArgument on bad shapes, dtype,
   // layers or non-finite keys.
+  // `token_layers`: model layers whose per-token keys are kept too (any order, no duplicates,
+  // each < num_layers; empty = none). `token_mask`: empty (every token) or num_tokens bytes, non-zero
+  // = keep that token's keys (at least one must be kept when token_layers is not empty); the box
+  // and mean always cover every token.
   static StatusOr<KeySummary> FromKeys(const void* keys, DType dtype, int num_layers, int num_kv_heads, int num_tokens,
-                                       int head_dim, std::span<const int> layers = {});
+                                       int head_dim, std::span<const int> layers = {},
+                                       std::span<const int> token_layers = {},
+                                       std::span<const uint8_t> token_mask = {});
   // Same from a Segment's canonical payload (its K planes). InvalidArgument if the segment is
   // invalid or its keys are not pre-RoPE.
-  static StatusOr<KeySummary> FromSegment(const Segment& segment, std::span<const int> layers = {});
+  static StatusOr<KeySummary> FromSegment(const Segment& segment, std::span<const int> layers = {},
+                                          std::span<const int> token_layers = {},
+                                          std::span<const uint8_t> token_mask = {});
 
   // Stable bytes (kvagent/wire.h, checksummed). dtype f32 or f16. With f16, min is rounded
   // toward -inf and max toward +inf so the box still bounds every key; mean rounds to nearest.
   // Values outside the finite f16 range make the f16 form fall back to f32 (the tag says which).
+  // Without token keys the bytes are format version 1 (unchanged since it was introduced); with
+  // token keys, version 2 appends them (f16 when the dtype and range allow, else f32).
   std::string Serialize(DType dtype = DType::kF16) const;
-  // DataLoss on truncated, corrupt or inconsistent bytes.
+  // Reads versions 1 and 2. DataLoss on truncated, corrupt or inconsistent bytes.
   static StatusOr<KeySummary> Deserialize(std::string_view bytes);
 
   friend bool operator==(const KeySummary&, const KeySummary&) = default;
@@ -107,7 +132,23 @@ float BoxUpperBound(const float* q, const float* lo, const float* hi, int dim);
 // ---------------------------------------------------------------------------------------------
 // LatentIndex
 
-enum class ScoreKind : uint8_t { kBoundingBox = 0, kMeanKey = 1 };
+// kTokens: token-level attention of chosen retrieval heads (docs/retrieval.md, "Token-level
+// scoring"): for each head h = (layer, query head) of IndexOptions::heads and each query token t,
+// the softmax of q_t . k_n over every stored token n of every candidate (what the head would
+// attend to with all candidates in context, positions marginalised, see rope_marginal_*), summed
+// per segment and averaged over the query tokens; a segment's score is the weighted sum over the
+// heads, minus the same score of the null query when one is set (SetNullQuery). Needs summaries
+// with token keys for every index layer; norm, agg, head_reduce and token_chunks do not apply.
+enum class ScoreKind : uint8_t { kBoundingBox = 0, kMeanKey = 1, kTokens = 2 };
+
+// A query head that votes in kTokens searches (a "retrieval head") and its weight.
+struct RetrievalHead {
+  int layer = 0;   // model layer; must be one of the index layers
+  int q_head = 0;  // query head in [0, num_q_heads)
+  float weight = 1.0f;
+
+  friend bool operator==(const RetrievalHead&, const RetrievalHead&) = default;
+};
 enum class TokenNorm : uint8_t { kNone = 0, kSoftmax = 1, kZScore = 2 };
 enum class Aggregation : uint8_t { kMean = 0, kMax = 1, kTopP = 2 };
 enum class HeadReduce : uint8_t {
@@ -164,6 +205,18 @@ struct IndexOptions {
   int prefilter_keep = 2048;
   int prefilter_layers = 2;  // capped at the number of index layers
   int prefilter_sample = 1024;
+
+  // kTokens only. Heads that vote (each at most once, layer among `layers`, weight finite);
+  // empty = every query head of every index layer with weight 1.
+  std::vector<RetrievalHead> heads;
+  // kTokens only. Pre-RoPE q . k ignores where the two tokens will sit; in the model the logit of
+  // a token delta positions back rotates each frequency pair by omega * delta. With
+  // rope_marginal_max > rope_marginal_min >= 0, each pair of the query is weighted by the mean of
+  // cos(omega * delta) for delta uniform in [min, max] (the expected logit over those distances:
+  // fast-rotating pairs average out, slow ones keep their weight); dims past rotary_dim and NoPE
+  // layers keep weight 1. 0, 0 = plain pre-RoPE dot products.
+  int rope_marginal_min = 0;
+  int rope_marginal_max = 0;
 
   // Where searches run (docs/retrieval.md "Device search").
   //   kCpuDevice (-1, the default): the CPU, as described above.
@@ -288,6 +341,14 @@ class LatentIndex {
   int device() const { return options_.device; }
   size_t DeviceMemoryBytes() const;
 
+  // kTokens only: the content-free query (e.g. "N/A" in the same template) whose score is
+  // subtracted from every candidate's (in-context re-ranking calibration), copied; an empty view
+  // (data == nullptr) clears it. InvalidArgument on a wrong shape (as Search) or for other kinds.
+  Status SetNullQuery(const QueryView& query);
+  bool has_null_query() const;
+  // Bytes of per-token keys held for kTokens scoring (0 for other kinds).
+  size_t TokenKeyBytes() const;
+
   // Scores the candidates and selects hits (see the file comment). InvalidArgument on a query
   // of the wrong shape or dtype; ResourceExhausted if candidates x layers x kv_heads x chunks
   // exceeds 2^30 votes (4 GiB of scratch; device searches: if the device lacks the memory for
@@ -304,6 +365,8 @@ class LatentIndex {
 
  private:
   LatentIndex(const ModelSpec& spec, IndexOptions options, std::vector<int> layers);
+  // kTokens: per-layer query weights and resolved heads (Create; InvalidArgument on bad heads).
+  Status PrepareTokenScoring();
 
   ModelSpec spec_;
   IndexOptions options_;
@@ -317,6 +380,16 @@ class LatentIndex {
   // Removal moves the last row into the hole.
   std::unique_ptr<index_internal::RowBlocks> rows_;
   std::unique_ptr<index_internal::RowBlocks> pre_rows_;
+  // kTokens: per slot, f16 token keys [index layer][kv_head][tokens][head_dim] and their count.
+  std::vector<std::vector<uint16_t>> token_keys_;
+  std::vector<int> token_counts_;
+  size_t token_key_bytes_ = 0;
+  // kTokens: per index layer, the query's per-dim weight (attention scale x RoPE marginalisation),
+  // the heads resolved to (layer slot, q_head, weight), and the null query [L][Hq][T][D] f32.
+  std::vector<std::vector<float>> q_weight_;
+  std::vector<RetrievalHead> token_heads_;  // layer = slot in layers_
+  std::vector<float> null_query_;
+  int null_tokens_ = 0;
   std::vector<IndexEntry> entries_;  // by slot
   std::unordered_map<Hash128, size_t, Hash128Hasher> slot_of_;
   // Device mirror of rows_ (IndexOptions::device >= 0); its searches are serialised by device_mu_.

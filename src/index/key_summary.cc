@@ -10,7 +10,8 @@ namespace kvagent {
 namespace {
 
 constexpr uint32_t kMagic = 0x4d53564b;  // "KVSM"
-constexpr uint8_t kVersion = 1;
+constexpr uint8_t kVersion = 1;          // no token keys
+constexpr uint8_t kVersionTokens = 2;    // token keys appended
 constexpr float kF16Max = 65504.0f;
 // Upper bounds keep a corrupt header from asking for absurd allocations before the size check.
 constexpr uint32_t kMaxDim = 1u << 16;
@@ -47,7 +48,8 @@ Status ResolveLayers(std::span<const int> layers, int num_layers, std::vector<in
 
 // keys(layer, head, token, d) = base[layer * layer_stride + head * head_stride + token * dim + d].
 StatusOr<KeySummary> Summarize(const void* base, DType dtype, int num_layers, int num_kv_heads, int num_tokens,
-                               int head_dim, size_t layer_stride, size_t head_stride, std::span<const int> layers) {
+                               int head_dim, size_t layer_stride, size_t head_stride, std::span<const int> layers,
+                               std::span<const int> token_layers, std::span<const uint8_t> token_mask) {
   if (base == nullptr) return InvalidArgumentError("keys: null data");
   if (dtype != DType::kF32 && dtype != DType::kF16 && dtype != DType::kBF16) {
     return InvalidArgumentError("keys: dtype must be f32, f16 or bf16");
@@ -84,31 +86,67 @@ StatusOr<KeySummary> Summarize(const void* base, DType dtype, int num_layers, in
       for (int d = 0; d < head_dim; ++d) s.mean[out + d] = static_cast<float>(sum[d] / num_tokens);
     }
   }
+  if (token_layers.empty()) {
+    if (!token_mask.empty()) return InvalidArgumentError("token_mask given without token_layers");
+    return s;
+  }
+  KVAGENT_RETURN_IF_ERROR(ResolveLayers(token_layers, num_layers, &s.token_layers));
+  if (!token_mask.empty() && token_mask.size() != static_cast<size_t>(num_tokens)) {
+    return InvalidArgumentError("token_mask has " + std::to_string(token_mask.size()) + " entries for " +
+                                std::to_string(num_tokens) + " tokens");
+  }
+  std::vector<int> kept;
+  for (int t = 0; t < num_tokens; ++t) {
+    if (token_mask.empty() || token_mask[t] != 0) kept.push_back(t);
+  }
+  if (kept.empty()) return InvalidArgumentError("token_mask keeps no token");
+  s.num_token_keys = static_cast<int>(kept.size());
+  s.token_keys.resize(s.token_layers.size() * num_kv_heads * kept.size() * static_cast<size_t>(head_dim));
+  float* dst = s.token_keys.data();
+  for (int l : s.token_layers) {
+    for (int h = 0; h < num_kv_heads; ++h) {
+      const size_t in = l * layer_stride + h * head_stride;
+      for (int t : kept) {
+        for (int d = 0; d < head_dim; ++d) {
+          const float v = LoadAsF32(base, dtype, in + static_cast<size_t>(t) * head_dim + d);
+          if (!std::isfinite(v)) return InvalidArgumentError("keys: non-finite value");
+          *dst++ = v;
+        }
+      }
+    }
+  }
   return s;
 }
 
 }  // namespace
 
-int KeySummary::LayerSlot(int layer) const {
-  auto it = std::lower_bound(layers.begin(), layers.end(), layer);
-  return (it != layers.end() && *it == layer) ? static_cast<int>(it - layers.begin()) : -1;
+namespace {
+int SlotIn(const std::vector<int>& sorted, int layer) {
+  auto it = std::lower_bound(sorted.begin(), sorted.end(), layer);
+  return (it != sorted.end() && *it == layer) ? static_cast<int>(it - sorted.begin()) : -1;
 }
+}  // namespace
+
+int KeySummary::LayerSlot(int layer) const { return SlotIn(layers, layer); }
+int KeySummary::TokenLayerSlot(int layer) const { return SlotIn(token_layers, layer); }
 
 StatusOr<KeySummary> KeySummary::FromKeys(const void* keys, DType dtype, int num_layers, int num_kv_heads,
-                                          int num_tokens, int head_dim, std::span<const int> layers) {
+                                          int num_tokens, int head_dim, std::span<const int> layers,
+                                          std::span<const int> token_layers, std::span<const uint8_t> token_mask) {
   const size_t head_stride = static_cast<size_t>(std::max(num_tokens, 0)) * std::max(head_dim, 0);
   return Summarize(keys, dtype, num_layers, num_kv_heads, num_tokens, head_dim, head_stride * std::max(num_kv_heads, 0),
-                   head_stride, layers);
+                   head_stride, layers, token_layers, token_mask);
 }
 
-StatusOr<KeySummary> KeySummary::FromSegment(const Segment& segment, std::span<const int> layers) {
+StatusOr<KeySummary> KeySummary::FromSegment(const Segment& segment, std::span<const int> layers,
+                                             std::span<const int> token_layers, std::span<const uint8_t> token_mask) {
   KVAGENT_RETURN_IF_ERROR(segment.Validate());
   if (!segment.pre_rope) return InvalidArgumentError("segment keys are post-RoPE; summaries need pre-RoPE keys");
   const SegmentLayout& lay = segment.layout;
   // Canonical [layer][k|v][head][token][dim]: the K plane of layer l starts at Offset(l, 0, 0, 0).
   const size_t layer_stride = lay.Offset(1, 0, 0, 0) - lay.Offset(0, 0, 0, 0);
   return Summarize(segment.payload->data(), lay.dtype, lay.num_layers, lay.num_kv_heads, lay.num_tokens, lay.head_dim,
-                   layer_stride, lay.PlaneElements(), layers);
+                   layer_stride, lay.PlaneElements(), layers, token_layers, token_mask);
 }
 
 std::string KeySummary::Serialize(DType dtype) const {
@@ -125,7 +163,7 @@ std::string KeySummary::Serialize(DType dtype) const {
   }
   std::string out;
   PutU32(&out, kMagic);
-  PutU8(&out, kVersion);
+  PutU8(&out, token_layers.empty() ? kVersion : kVersionTokens);
   PutU8(&out, static_cast<uint8_t>(f16 ? DType::kF16 : DType::kF32));
   PutU32(&out, static_cast<uint32_t>(num_kv_heads));
   PutU32(&out, static_cast<uint32_t>(head_dim));
@@ -149,6 +187,16 @@ std::string KeySummary::Serialize(DType dtype) const {
   put(min, -1);
   put(max, +1);
   put(mean, 0);
+  if (!token_layers.empty()) {  // version 2: [count][layers][num_token_keys][tag][keys]
+    bool tf16 = dtype == DType::kF16;
+    for (float x : token_keys) tf16 = tf16 && std::fabs(x) <= kF16Max;
+    PutU32(&out, static_cast<uint32_t>(token_layers.size()));
+    for (int l : token_layers) PutU32(&out, static_cast<uint32_t>(l));
+    PutU32(&out, static_cast<uint32_t>(num_token_keys));
+    PutU8(&out, static_cast<uint8_t>(tf16 ? DType::kF16 : DType::kF32));
+    f16 = tf16;
+    put(token_keys, 0);
+  }
   PutU64(&out, Checksum64(std::as_bytes(std::span<const char>(out.data(), out.size()))));
   return out;
 }
@@ -167,7 +215,9 @@ StatusOr<KeySummary> KeySummary::Deserialize(std::string_view bytes) {
   KVAGENT_RETURN_IF_ERROR(r.U32(&magic));
   if (magic != kMagic) return DataLossError("key summary: bad magic");
   KVAGENT_RETURN_IF_ERROR(r.U8(&version));
-  if (version != kVersion) return DataLossError("key summary: unknown version " + std::to_string(version));
+  if (version != kVersion && version != kVersionTokens) {
+    return DataLossError("key summary: unknown version " + std::to_string(version));
+  }
   KVAGENT_RETURN_IF_ERROR(r.U8(&tag));
   if (tag != static_cast<uint8_t>(DType::kF32) && tag != static_cast<uint8_t>(DType::kF16)) {
     return DataLossError("key summary: bad dtype tag");
@@ -194,13 +244,16 @@ StatusOr<KeySummary> KeySummary::Deserialize(std::string_view bytes) {
   }
   const size_t n = static_cast<size_t>(nlayers) * heads * dim;
   const size_t esize = tag == static_cast<uint8_t>(DType::kF16) ? 2 : 4;
-  if (r.remaining() != 3 * n * esize) return DataLossError("key summary: payload size mismatch");
+  if (version == kVersion ? r.remaining() != 3 * n * esize : r.remaining() < 3 * n * esize) {
+    return DataLossError("key summary: payload size mismatch");
+  }
   const char* p = body.data() + r.position();
-  auto get = [&](std::vector<float>* v) -> Status {
-    v->resize(n);
-    for (size_t i = 0; i < n; ++i, p += esize) {
+  size_t esz = esize;
+  auto get_n = [&](std::vector<float>* v, size_t count) -> Status {
+    v->resize(count);
+    for (size_t i = 0; i < count; ++i, p += esz) {
       float x;
-      if (esize == 4) {
+      if (esz == 4) {
         std::memcpy(&x, p, 4);
       } else {
         uint16_t h;
@@ -212,11 +265,38 @@ StatusOr<KeySummary> KeySummary::Deserialize(std::string_view bytes) {
     }
     return Status::Ok();
   };
-  KVAGENT_RETURN_IF_ERROR(get(&s.min));
-  KVAGENT_RETURN_IF_ERROR(get(&s.max));
-  KVAGENT_RETURN_IF_ERROR(get(&s.mean));
+  KVAGENT_RETURN_IF_ERROR(get_n(&s.min, n));
+  KVAGENT_RETURN_IF_ERROR(get_n(&s.max, n));
+  KVAGENT_RETURN_IF_ERROR(get_n(&s.mean, n));
   for (size_t i = 0; i < n; ++i) {
     if (!(s.min[i] <= s.max[i])) return DataLossError("key summary: min > max");
+  }
+  if (version == kVersionTokens) {
+    WireReader t(body.substr(static_cast<size_t>(p - body.data())));
+    uint32_t ntl = 0, nkeys = 0;
+    uint8_t ttag = 0;
+    KVAGENT_RETURN_IF_ERROR(t.U32(&ntl));
+    if (ntl < 1 || ntl > kMaxLayers) return DataLossError("key summary: bad token layer count");
+    for (uint32_t i = 0; i < ntl; ++i) {
+      uint32_t l = 0;
+      KVAGENT_RETURN_IF_ERROR(t.U32(&l));
+      if (l > kMaxLayers || (i > 0 && static_cast<int>(l) <= s.token_layers.back())) {
+        return DataLossError("key summary: token layers not strictly ascending");
+      }
+      s.token_layers.push_back(static_cast<int>(l));
+    }
+    KVAGENT_RETURN_IF_ERROR(t.U32(&nkeys));
+    KVAGENT_RETURN_IF_ERROR(t.U8(&ttag));
+    if (nkeys < 1 || nkeys > tokens) return DataLossError("key summary: bad token key count");
+    if (ttag != static_cast<uint8_t>(DType::kF32) && ttag != static_cast<uint8_t>(DType::kF16)) {
+      return DataLossError("key summary: bad token key dtype tag");
+    }
+    esz = ttag == static_cast<uint8_t>(DType::kF16) ? 2 : 4;
+    const size_t nt = static_cast<size_t>(ntl) * heads * nkeys * dim;
+    if (t.remaining() != nt * esz) return DataLossError("key summary: token key size mismatch");
+    p += t.position();
+    s.num_token_keys = static_cast<int>(nkeys);
+    KVAGENT_RETURN_IF_ERROR(get_n(&s.token_keys, nt));
   }
   return s;
 }

@@ -15,7 +15,9 @@
 #include "index/prefilter.h"
 #include "index/row_blocks.h"
 #include "index/score_kernel.h"
+#include "index/token_scorer.h"
 #include "kvagent/index.h"
+#include "kvagent/rope.h"
 
 #if defined(KVAGENT_WITH_CUDA)
 #include "cuda/index_mirror.h"
@@ -92,12 +94,24 @@ StatusOr<std::unique_ptr<LatentIndex>> LatentIndex::Create(const ModelSpec& spec
       options.prefilter_sample < 0) {
     return InvalidArgumentError("prefilter options must be >= 0");
   }
-  if (static_cast<int>(options.score) > 1 || static_cast<int>(options.norm) > 2 || static_cast<int>(options.agg) > 2 ||
+  if (static_cast<int>(options.score) > 2 || static_cast<int>(options.norm) > 2 || static_cast<int>(options.agg) > 2 ||
       static_cast<int>(options.head_reduce) > 2) {
     return InvalidArgumentError("unknown score, norm, agg or head_reduce value");
   }
   if (options.device < kAutoDevice) {
     return InvalidArgumentError("device must be a CUDA device ordinal >= 0, kCpuDevice (-1) or kAutoDevice (-2)");
+  }
+  const bool tokens = options.score == ScoreKind::kTokens;
+  if (tokens && options.device >= 0) {
+    return UnimplementedError("token-level scoring (score=tokens) runs on the CPU only; use device=-1");
+  }
+  if (tokens && options.device == kAutoDevice) options.device = kCpuDevice;
+  if (!tokens && (!options.heads.empty() || options.rope_marginal_min != 0 || options.rope_marginal_max != 0)) {
+    return InvalidArgumentError("heads and rope_marginal_* apply to score=tokens only");
+  }
+  if (options.rope_marginal_min < 0 || options.rope_marginal_max < 0 ||
+      (options.rope_marginal_max != 0 && options.rope_marginal_max <= options.rope_marginal_min)) {
+    return InvalidArgumentError("rope_marginal_* must satisfy 0 <= min < max (or both 0)");
   }
 #if defined(KVAGENT_WITH_CUDA)
   if (options.device == kAutoDevice) {
@@ -129,6 +143,7 @@ StatusOr<std::unique_ptr<LatentIndex>> LatentIndex::Create(const ModelSpec& spec
     if (i > 0 && sorted[i] == sorted[i - 1]) return InvalidArgumentError("index layer listed twice");
   }
   std::unique_ptr<LatentIndex> idx(new LatentIndex(spec, std::move(options), std::move(layers)));
+  if (tokens) KVAGENT_RETURN_IF_ERROR(idx->PrepareTokenScoring());
 #if defined(KVAGENT_WITH_CUDA)
   if (idx->options_.device >= 0) {
     auto mirror =
@@ -148,6 +163,88 @@ size_t LatentIndex::DeviceMemoryBytes() const {
 #else
   return 0;
 #endif
+}
+
+Status LatentIndex::PrepareTokenScoring() {
+  const int D = spec_.head_dim;
+  const float scale = static_cast<float>(spec_.EffectiveAttnScale());
+  const int lo = options_.rope_marginal_min, hi = options_.rope_marginal_max;
+  for (int l : layers_) {
+    std::vector<float> w(D, scale);
+    const RopeSpec& rope = spec_.layers[l].rope;
+    if (hi > 0 && rope.enabled) {
+      KVAGENT_ASSIGN_OR_RETURN(RopeFrequencies f, ComputeRopeFrequencies(rope, D));
+      const int half = f.rotary_dim / 2;
+      for (int i = 0; i < half; ++i) {
+        // Mean of cos(omega * delta) over delta uniform in [lo, hi].
+        const double om = f.inv_freq[i];
+        const double m = om * (hi - lo) < 1e-12 ? std::cos(om * lo) : (std::sin(om * hi) - std::sin(om * lo)) / (om * (hi - lo));
+        const int a = f.style == RopeStyle::kHalfSplit ? i : 2 * i;
+        const int b = f.style == RopeStyle::kHalfSplit ? i + half : 2 * i + 1;
+        w[a] = static_cast<float>(scale * m);
+        w[b] = static_cast<float>(scale * m);
+      }
+    }
+    q_weight_.push_back(std::move(w));
+  }
+  if (options_.heads.empty()) {
+    for (size_t ls = 0; ls < layers_.size(); ++ls) {
+      for (int h = 0; h < spec_.num_q_heads; ++h) token_heads_.push_back({static_cast<int>(ls), h, 1.0f});
+    }
+    return Status::Ok();
+  }
+  std::unordered_set<int64_t> seen;
+  for (const RetrievalHead& rh : options_.heads) {
+    auto it = std::find(layers_.begin(), layers_.end(), rh.layer);
+    if (it == layers_.end()) {
+      return InvalidArgumentError("retrieval head layer " + std::to_string(rh.layer) + " is not an index layer");
+    }
+    if (rh.q_head < 0 || rh.q_head >= spec_.num_q_heads) {
+      return InvalidArgumentError("retrieval head q_head " + std::to_string(rh.q_head) + " out of range");
+    }
+    if (!std::isfinite(rh.weight)) return InvalidArgumentError("retrieval head weight must be finite");
+    if (!seen.insert(int64_t{rh.layer} * 65536 + rh.q_head).second) {
+      return InvalidArgumentError("retrieval head listed twice");
+    }
+    token_heads_.push_back({static_cast<int>(it - layers_.begin()), rh.q_head, rh.weight});
+  }
+  return Status::Ok();
+}
+
+Status LatentIndex::SetNullQuery(const QueryView& q) {
+  if (options_.score != ScoreKind::kTokens) return InvalidArgumentError("a null query applies to score=tokens only");
+  std::unique_lock lock(mu_);
+  if (q.data == nullptr) {
+    null_query_.clear();
+    null_tokens_ = 0;
+    return Status::Ok();
+  }
+  if (q.dtype != DType::kF32 && q.dtype != DType::kF16 && q.dtype != DType::kBF16) {
+    return InvalidArgumentError("null query: dtype must be f32, f16 or bf16");
+  }
+  if (q.num_layers != static_cast<int>(layers_.size()) || q.num_q_heads != spec_.num_q_heads ||
+      q.head_dim != spec_.head_dim || q.num_tokens < 1) {
+    return InvalidArgumentError("null query shape does not match the index");
+  }
+  const size_t n = static_cast<size_t>(q.num_layers) * q.num_q_heads * q.num_tokens * q.head_dim;
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    v[i] = LoadAsF32(q.data, q.dtype, i);
+    if (!std::isfinite(v[i])) return InvalidArgumentError("null query: non-finite value");
+  }
+  null_query_ = std::move(v);
+  null_tokens_ = q.num_tokens;
+  return Status::Ok();
+}
+
+bool LatentIndex::has_null_query() const {
+  std::shared_lock lock(mu_);
+  return !null_query_.empty();
+}
+
+size_t LatentIndex::TokenKeyBytes() const {
+  std::shared_lock lock(mu_);
+  return token_key_bytes_;
 }
 
 size_t LatentIndex::RowBytes() const { return rows_->row_bytes(); }
@@ -181,6 +278,27 @@ Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
         if (!(std::fabs(v) <= lim)) return InvalidArgumentError("summary value out of range for the index storage");
       }
       if (!(s.min[k] <= s.max[k])) return InvalidArgumentError("summary min > max");
+    }
+  }
+
+  std::vector<uint16_t> tk;
+  if (options_.score == ScoreKind::kTokens) {
+    const size_t per = static_cast<size_t>(s.num_token_keys) * s.head_dim;
+    if (s.num_token_keys < 1 || s.token_keys.size() != s.token_layers.size() * s.num_kv_heads * per) {
+      return InvalidArgumentError("score=tokens needs summaries with token keys (summarize with token_layers)");
+    }
+    tk.resize(layers_.size() * s.num_kv_heads * per);
+    uint16_t* dst = tk.data();
+    for (int l : layers_) {
+      const int ts = s.TokenLayerSlot(l);
+      if (ts < 0) return InvalidArgumentError("summary lacks token keys of index layer " + std::to_string(l));
+      for (int g = 0; g < s.num_kv_heads; ++g, dst += per) {
+        const float* src = s.TokenKeys(ts, g);
+        for (size_t i = 0; i < per; ++i) {
+          if (!(std::fabs(src[i]) <= 65504.0f)) return InvalidArgumentError("token key out of the f16 range");
+        }
+        index_internal::ToF16(src, dst, per, 0);
+      }
     }
   }
 
@@ -219,6 +337,11 @@ Status LatentIndex::Add(const IndexEntry& entry, const KeySummary& s) {
       for (int g = 0; g < spec_.num_kv_heads; ++g) put(&s.mean[s.Offset(slots[ps], g)], 0);
     }
   }
+  if (options_.score == ScoreKind::kTokens) {
+    token_key_bytes_ += tk.size() * sizeof(uint16_t);
+    token_keys_.push_back(std::move(tk));
+    token_counts_.push_back(s.num_token_keys);
+  }
   entries_.push_back(entry);
   slot_of_.emplace(entry.key, slot);
 #if defined(KVAGENT_WITH_CUDA)
@@ -248,6 +371,15 @@ Status LatentIndex::Remove(const Hash128& key) {
     if (pre_rows_) std::memcpy(pre_rows_->Row(slot), pre_rows_->Row(last), pre_rows_->row_bytes());
     entries_[slot] = std::move(entries_[last]);
     slot_of_[entries_[slot].key] = slot;
+  }
+  if (!token_keys_.empty()) {
+    token_key_bytes_ -= token_keys_[slot].size() * sizeof(uint16_t);
+    if (slot != last) {
+      token_keys_[slot] = std::move(token_keys_[last]);
+      token_counts_[slot] = token_counts_[last];
+    }
+    token_keys_.pop_back();
+    token_counts_.pop_back();
   }
   entries_.pop_back();
 #if defined(KVAGENT_WITH_CUDA)
@@ -288,7 +420,8 @@ size_t LatentIndex::size() const {
 
 size_t LatentIndex::MemoryBytes() const {
   std::shared_lock lock(mu_);
-  return rows_->MemoryBytes() + (pre_rows_ ? pre_rows_->MemoryBytes() : 0) + entries_.capacity() * sizeof(IndexEntry);
+  return rows_->MemoryBytes() + (pre_rows_ ? pre_rows_->MemoryBytes() : 0) + entries_.capacity() * sizeof(IndexEntry) +
+         token_key_bytes_;
 }
 
 StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchRequest& req) const {
@@ -599,6 +732,46 @@ StatusOr<std::vector<Hit>> LatentIndex::Search(const QueryView& q, const SearchR
     weight = std::move(chosen.weight);
   }
   const size_t S = cand.size();
+
+  if (options_.score == ScoreKind::kTokens) {
+    // ---- token-level attention of the retrieval heads (score = tokens) ----
+    std::vector<index_internal::TokenBlock> blocks(S);
+    for (size_t i = 0; i < S; ++i) blocks[i] = {token_keys_[cand[i]].data(), token_counts_[cand[i]]};
+    // q vectors of each head over `tokens` query tokens, weighted per dimension.
+    auto head_queries = [&](const void* data, DType dtype, int tokens, std::vector<std::vector<float>>& qs,
+                            std::vector<index_internal::TokenHead>& heads) {
+      qs.assign(token_heads_.size(), {});
+      heads.clear();
+      for (size_t k = 0; k < token_heads_.size(); ++k) {
+        const RetrievalHead& th = token_heads_[k];
+        const float* w = q_weight_[th.layer].data();
+        qs[k].resize(static_cast<size_t>(tokens) * D);
+        for (int t = 0; t < tokens; ++t) {
+          const size_t base = ((static_cast<size_t>(th.layer) * spec_.num_q_heads + th.q_head) * tokens + t) * D;
+          for (int d = 0; d < D; ++d) qs[k][static_cast<size_t>(t) * D + d] = LoadAsF32(data, dtype, base + d) * w[d];
+        }
+        heads.push_back({qs[k].data(), tokens, th.layer * G + th.q_head / gs, th.weight});
+      }
+    };
+    std::vector<std::vector<float>> qs;
+    std::vector<index_internal::TokenHead> heads;
+    head_queries(q.data, q.dtype, T, qs, heads);
+    std::vector<float> score = index_internal::TokenAttentionScores(blocks, weight, D, heads, max_threads);
+    if (!null_query_.empty()) {
+      head_queries(null_query_.data(), DType::kF32, null_tokens_, qs, heads);
+      const std::vector<float> base = index_internal::TokenAttentionScores(blocks, weight, D, heads, max_threads);
+      for (size_t i = 0; i < S; ++i) score[i] -= base[i];
+    }
+    std::vector<std::pair<size_t, float>> others;
+    others.reserve(S - num_pinned);
+    for (size_t i = 0; i < S; ++i) {
+      if (!cand_pinned[i]) others.push_back({i, score[i]});
+    }
+    std::vector<Hit> hits;
+    for (size_t i : select(std::move(others))) hits.push_back(make_hit(i, score[i], nullptr));
+    finish(hits);
+    return hits;
+  }
 
   // The votes of all scored rows are kept for the normalisation pass (4 bytes each).
   if (S * static_cast<size_t>(U) > kMaxVotes) {
