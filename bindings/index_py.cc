@@ -5,11 +5,13 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
 #include <string>
+#include <tuple>
 
 #include "errors.h"
 #include "kvagent/index.h"
@@ -88,17 +90,20 @@ nb::dict BreakdownDict(const Breakdown& b) {
 void RegisterIndex(nb::module_& m) {
   m.def(
       "index_summarize",
-      [](const AnyCpuArray& keys, std::optional<std::vector<int>> layers, const std::string& dtype) {
+      [](const AnyCpuArray& keys, std::optional<std::vector<int>> layers, const std::string& dtype,
+         std::optional<std::vector<int>> token_layers, std::optional<std::vector<uint8_t>> token_mask) {
         const DType in = CheckedArray(keys, 4, "keys");
         const DType out = EnumFromName<DType>(dtype, {{"f16", DType::kF16}, {"f32", DType::kF32}}, "dtype");
         const int L = Dim(keys, 0, "keys"), H = Dim(keys, 1, "keys"), T = Dim(keys, 2, "keys"),
                   D = Dim(keys, 3, "keys");
         const std::vector<int> ls = layers.value_or(std::vector<int>{});
+        const std::vector<int> tls = token_layers.value_or(std::vector<int>{});
+        const std::vector<uint8_t> mask = token_mask.value_or(std::vector<uint8_t>{});
         std::string bytes;
         Status st;
         {
           nb::gil_scoped_release release;
-          auto s = KeySummary::FromKeys(keys.data(), in, L, H, T, D, ls);
+          auto s = KeySummary::FromKeys(keys.data(), in, L, H, T, D, ls, tls, mask);
           if (s.ok()) {
             bytes = s->Serialize(out);
           } else {
@@ -108,8 +113,9 @@ void RegisterIndex(nb::module_& m) {
         ThrowIfError(st);
         return nb::bytes(bytes.data(), bytes.size());
       },
-      "keys"_a, "layers"_a = nb::none(), "dtype"_a = "f16",
-      "Compressed keys of pre-RoPE keys [L, H_kv, T, D] (C-contiguous f32/f16/bf16) as bytes.");
+      "keys"_a, "layers"_a = nb::none(), "dtype"_a = "f16", "token_layers"_a = nb::none(), "token_mask"_a = nb::none(),
+      "Compressed keys of pre-RoPE keys [L, H_kv, T, D] (C-contiguous f32/f16/bf16) as bytes; token_layers keeps\n"
+      "per-token keys of those layers (tokens where token_mask is non-zero) for score='tokens'.");
 
   m.def(
       "index_summary_info",
@@ -123,6 +129,8 @@ void RegisterIndex(nb::module_& m) {
         d["min"] = nb::cast(s.min);
         d["max"] = nb::cast(s.max);
         d["mean"] = nb::cast(s.mean);
+        d["token_layers"] = nb::cast(s.token_layers);
+        d["num_token_keys"] = s.num_token_keys;
         return d;
       },
       "summary"_a, "Decodes summary bytes: dict with layers, geometry and flat min/max/mean lists.");
@@ -154,10 +162,16 @@ void RegisterIndex(nb::module_& m) {
           [](const ModelSpec& spec, const std::string& score, const std::string& norm, const std::string& agg,
              const std::string& head_reduce, std::optional<std::vector<int>> layers, int token_chunks, double top_p,
              const std::string& storage, int num_threads, int prefilter_min_segments, int prefilter_keep,
-             int prefilter_layers, int prefilter_sample, int device) {
+             int prefilter_layers, int prefilter_sample, int device, std::vector<std::tuple<int, int, float>> heads,
+             int rope_marginal_min, int rope_marginal_max) {
             IndexOptions o;
-            o.score = EnumFromName<ScoreKind>(score, {{"bbox", ScoreKind::kBoundingBox}, {"mean", ScoreKind::kMeanKey}},
-                                              "score");
+            o.score = EnumFromName<ScoreKind>(
+                score,
+                {{"bbox", ScoreKind::kBoundingBox}, {"mean", ScoreKind::kMeanKey}, {"tokens", ScoreKind::kTokens}},
+                "score");
+            for (const auto& [l, h, w] : heads) o.heads.push_back({l, h, w});
+            o.rope_marginal_min = rope_marginal_min;
+            o.rope_marginal_max = rope_marginal_max;
             o.norm = EnumFromName<TokenNorm>(
                 norm, {{"softmax", TokenNorm::kSoftmax}, {"zscore", TokenNorm::kZScore}, {"none", TokenNorm::kNone}},
                 "norm");
@@ -182,7 +196,22 @@ void RegisterIndex(nb::module_& m) {
           },
           "spec"_a, "score"_a, "norm"_a, "agg"_a, "head_reduce"_a, "layers"_a.none(), "token_chunks"_a, "top_p"_a,
           "storage"_a, "num_threads"_a, "prefilter_min_segments"_a, "prefilter_keep"_a, "prefilter_layers"_a,
-          "prefilter_sample"_a, "device"_a = kCpuDevice)
+          "prefilter_sample"_a, "device"_a = kCpuDevice, "heads"_a = std::vector<std::tuple<int, int, float>>{},
+          "rope_marginal_min"_a = 0, "rope_marginal_max"_a = 0)
+      .def(
+          "set_null_query",
+          [](LatentIndex& idx, std::optional<AnyCpuArray> q) {
+            if (!q) {
+              ThrowIfError(idx.SetNullQuery(QueryView{}));
+              return;
+            }
+            const DType dt = CheckedArray(*q, 4, "q");
+            ThrowIfError(idx.SetNullQuery(
+                QueryView{q->data(), dt, Dim(*q, 0, "q"), Dim(*q, 1, "q"), Dim(*q, 2, "q"), Dim(*q, 3, "q")}));
+          },
+          "q"_a.none())
+      .def_prop_ro("has_null_query", &LatentIndex::has_null_query)
+      .def("token_key_bytes", &LatentIndex::TokenKeyBytes)
       .def(
           "add",
           [](LatentIndex& idx, const Hash128& key, nb::bytes summary, const std::string& ns, const std::string& agent,

@@ -42,17 +42,23 @@ def _as_array(x: Any, what: str) -> Any:
     return np.ascontiguousarray(x)
 
 
-def summarize(keys: Any, layers: Sequence[int] | None = None, *, dtype: str = "f16") -> bytes:
+def summarize(keys: Any, layers: Sequence[int] | None = None, *, dtype: str = "f16",
+              token_layers: Sequence[int] | None = None, token_mask: Sequence[bool] | None = None) -> bytes:
     """Compressed keys of one segment.
 
     keys: ``[L, H_kv, T, D]`` pre-RoPE keys of every model layer (f32/f16/bf16).
     layers: model layer indices to keep (``None`` = all ``L``); the index's layers must be among them.
     dtype: ``"f16"`` (default: half the bytes; min rounded down and max up so the box still
     bounds every key) or ``"f32"``.
-    Raises InvalidArgumentError on a wrong rank, dtype, layer list or non-finite keys.
+    token_layers: layers whose per-token keys are kept too (needed by ``score="tokens"`` indexes);
+    token_mask: which tokens' keys to keep (``T`` booleans; ``None`` = all), e.g. to leave out
+    chat-template tokens. The box and the mean always cover every token.
+    Raises InvalidArgumentError on a wrong rank, dtype, layer list, mask or non-finite keys.
     """
     arr = _as_array(keys, "keys")
-    return _core.index_summarize(arr, None if layers is None else [int(i) for i in layers], dtype)
+    return _core.index_summarize(arr, None if layers is None else [int(i) for i in layers], dtype,
+                                 None if token_layers is None else [int(i) for i in token_layers],
+                                 None if token_mask is None else [1 if b else 0 for b in token_mask])
 
 
 def summary_info(summary: bytes) -> dict:
@@ -69,7 +75,13 @@ def default_layers(num_layers: int, count: int = 8) -> list[int]:
 class IndexOptions:
     """Scoring options (fixed when the index is made).
 
-    score: ``"bbox"`` (bounding-box upper bound) or ``"mean"`` (mean-key dot product).
+    score: ``"bbox"`` (bounding-box upper bound), ``"mean"`` (mean-key dot product) or ``"tokens"``
+        (token-level attention of retrieval heads over every stored token of the candidates; needs
+        summaries made with ``token_layers`` covering the index layers; see docs/retrieval.md).
+    heads: ``score="tokens"``: ``(layer, q_head, weight)`` of the heads that vote (``None`` = every
+        query head of the index layers, weight 1).
+    rope_marginal: ``score="tokens"``: ``(min, max)`` distance range over which each RoPE frequency
+        pair of the query is weighted by its mean ``cos(omega * delta)`` (``None`` = plain pre-RoPE).
     norm: per-(layer, head, query chunk) normalisation across segments: ``"softmax"``, ``"zscore"``, ``"none"``.
     agg: aggregation of a segment's votes: ``"mean"``, ``"max"``, ``"top_p"`` (mean of the top
         ``top_p`` fraction).
@@ -112,6 +124,8 @@ class IndexOptions:
     prefilter_layers: int = 2
     prefilter_sample: int = 1024
     device: int | str = -1
+    heads: Sequence[tuple[int, int, float]] | None = None
+    rope_marginal: tuple[int, int] | None = None
 
 
 _AUTO_DEVICE = -2  # kvagent::kAutoDevice
@@ -155,6 +169,9 @@ class LatentIndex:
             int(o.prefilter_layers),
             int(o.prefilter_sample),
             _device_ordinal(o.device),
+            [(int(l), int(h), float(w)) for l, h, w in (o.heads or [])],
+            int(o.rope_marginal[0]) if o.rope_marginal else 0,
+            int(o.rope_marginal[1]) if o.rope_marginal else 0,
         )
 
     @property
@@ -208,6 +225,19 @@ class LatentIndex:
     def row_bytes(self) -> int:
         """Bytes of the scoring matrix per segment."""
         return self._idx.row_bytes()
+
+    def token_key_bytes(self) -> int:
+        """Bytes of per-token keys held for ``score="tokens"`` (0 for other kinds)."""
+        return self._idx.token_key_bytes()
+
+    def set_null_query(self, q: Any | None) -> None:
+        """``score="tokens"``: the content-free query ``[len(self.layers), H_q, T, D]`` whose score
+        is subtracted from every candidate's (``None`` clears it)."""
+        self._idx.set_null_query(None if q is None else _as_array(q, "q"))
+
+    @property
+    def has_null_query(self) -> bool:
+        return self._idx.has_null_query
 
     def prefilter_row_bytes(self) -> int:
         """Bytes of the two-stage search's proxy rows per segment (0 when it is disabled)."""
