@@ -151,6 +151,7 @@ class AgentMemory:
                 warnings.warn(f"AgentMemory(backend='gpu'): {why}; falling back to 'cpu'", RuntimeWarning,
                               stacklevel=2)
                 backend = "cpu"
+        self._index_options_given = index_options is not None  # else a model's retrieval profile may set them
         if backend == "gpu":
             if device_capacity_bytes is None:
                 device_capacity_bytes = _default_device_capacity(device)
@@ -173,6 +174,8 @@ class AgentMemory:
         self.index_options = index_options
         self.spec: _core.ModelSpec | None = None
         self.index = None
+        self.profile = None  # the attached model's retrieval profile, if it has one
+        self._special_ids: frozenset = frozenset()
         self._manager = None
         self._next_turns: dict[str, int] = {}  # session -> next free turn number (this namespace)
         self._lock = threading.RLock()
@@ -210,10 +213,24 @@ class AgentMemory:
                 if alias != spec.fingerprint:
                     self._migrate_model(alias, spec.fingerprint)
             self.spec = spec
+            from kv_agent.retrieval_profile import profile_for
+
+            self.profile = profile_for(getattr(manager.engine, "model_name", None))
+            if self.profile is not None and not self._index_options_given:
+                self.index_options = self.profile.index_options()
             self.index = LatentIndex(spec, self.index_options or IndexOptions())
+            self._special_ids = _special_ids(manager.tokenizer)
             for info in self.store.list(model=spec.fingerprint):
                 if info.summary:  # segments stored without compressed keys are not retrievable
-                    self._index_add(info.key, info.summary, info.meta, info.layout.num_tokens)
+                    try:
+                        self._index_add(info.key, info.summary, info.meta, info.layout.num_tokens)
+                    except InvalidArgumentError:
+                        if not self.token_scoring:
+                            raise
+                        # Stored before token-level scoring was configured: token keys come from the KV.
+                        seg = self.store.get(info.key, spec.fingerprint)
+                        summary = self.summarize(seg.kv(framework="torch")[:, 0], [int(t) for t in seg.tokens])
+                        self._index_add(info.key, summary, info.meta, info.layout.num_tokens)
 
     def _migrate_model(self, old: _core.Hash128, new: _core.Hash128) -> int:
         """Re-stamps every segment of model ``old`` with ``new`` (same KV, tokens, metadata and
@@ -237,6 +254,24 @@ class AgentMemory:
         if n:
             self.store.flush()
         return n
+
+    @property
+    def token_scoring(self) -> bool:
+        """True when the index scores token by token (``IndexOptions(score="tokens")``)."""
+        return self.index is not None and getattr(self.index.options, "score", None) == "tokens"
+
+    def summarize(self, keys, token_ids: list[int]) -> bytes:
+        """The compressed keys stored with a segment: every layer's box and mean, plus (token-level
+        scoring) the per-token keys of the index layers for every token that is not a special
+        token of the tokenizer (chat-template markers would otherwise attract the heads)."""
+        from kv_agent.index import summarize
+
+        if not self.token_scoring:
+            return summarize(keys)
+        mask = [t not in self._special_ids for t in token_ids]
+        if not any(mask):
+            mask = [True] * len(token_ids)
+        return summarize(keys, token_layers=list(self.index.layers), token_mask=mask)
 
     def _index_add(self, key, summary: bytes, meta, num_tokens: int, pinned: bool = False) -> None:
         self.index.add(key, summary, ns=meta.ns, agent=meta.agent, session=meta.session, turn=meta.turn,
@@ -455,7 +490,6 @@ class CacheManager:
         its KV as one or more segments (chunks of at most max_segment_tokens), all or none.
         ``turn`` defaults to the session's next free turn (allocated by the memory); a turn that
         is stored already raises AlreadyExistsError. Returns the keys."""
-        from kv_agent.index import summarize
         from kv_agent.store import Segment
 
         _check_text(text, "text")
@@ -493,7 +527,8 @@ class CacheManager:
                                     agent=agent or mem.agent, session=session, turn=int(turn), chunk=chunk,
                                     role=role, text=self.tokenizer.decode(part.token_ids), time_us=now,
                                     # every layer is summarised, so any index configuration can be built later
-                                    summary=summarize(kv[:, 0]), copy=True))
+                                    summary=mem.summarize(kv[:, 0], [int(t) for t in part.token_ids]),
+                                    copy=True))
             mem.add_segments(segs)
             return [s.key for s in segs]
 
@@ -506,6 +541,18 @@ class CacheManager:
         return self.store_text(self.format.turn(prompt, response), session=session, turn=turn, role="exchange")
 
     # ---------------------------------------------------------------- reads
+    def _content_span(self, ids: list[int]) -> tuple[int, int]:
+        """[lo, hi) of the query's own tokens inside its chat format (the template's leading and
+        trailing tokens, found by formatting an empty query, do not vote in token-level scoring)."""
+        empty = self._ids(self.format.query(""))
+        lo = 0
+        while lo < min(len(ids), len(empty)) and ids[lo] == empty[lo]:
+            lo += 1
+        hi, k = len(ids), len(empty)
+        while hi > lo and k > lo and ids[hi - 1] == empty[k - 1]:
+            hi, k = hi - 1, k - 1
+        return (lo, hi) if hi > lo else (0, len(ids))
+
     def _query_q(self, query_ids: list[int]):
         """Pre-RoPE Q of the query at the index's layers, in the index's order (its first axis)."""
         return self.engine.query_vectors(query_ids, self.prefix_context, list(self.memory.index.layers))
@@ -525,6 +572,9 @@ class CacheManager:
         self._check_fits(len(self.prefix_ids) + len(ids), "the query after the prefix")
         q = self._query_q(ids)
         mem = self.memory
+        if mem.token_scoring:
+            lo, hi = self._content_span(ids)
+            q = q[:, :, lo:hi].contiguous()
         hits = mem.index.search(q, top_k=top_k, token_budget=token_budget,
                                 ns=None if all_namespaces else mem.namespace, agent=agent, session=session)
         out = []
@@ -649,6 +699,11 @@ def _default_device_capacity(device: int) -> int:
 
     free, _total = torch.cuda.mem_get_info(device)
     return max(1, int(free * DEFAULT_DEVICE_FRACTION))
+
+
+def _special_ids(tokenizer) -> frozenset:
+    ids = getattr(tokenizer, "all_special_ids", None) or []
+    return frozenset(int(i) for i in ids)
 
 
 def _device_index_options(options, device: int):

@@ -137,6 +137,9 @@ class Engine(abc.ABC):
     """One inference engine behind kv-agent. See the module docstring for the contract."""
 
     name: str = ""  # registry name: "hf", "vllm", "sglang", "llama.cpp"
+    # Name of a known model (kv_agent.models.NAMED_MODELS) when the engine loaded one by name; it
+    # selects the model's retrieval profile (kv_agent.retrieval_profile). None otherwise.
+    model_name: str | None = None
 
     # ------------------------------------------------------------------ identity
     @property

@@ -843,7 +843,8 @@ def create(model=None, tokenizer=None, *, device: str | None = None, dtype=None,
            **options) -> HFEngine:
     """The registry factory behind ``CacheManager(engine="hf", model=...)``.
 
-    ``model``: None (the default model, :func:`kv_agent.models.load_default_model`), a local HF
+    ``model``: None (the default model, :func:`kv_agent.models.load_default_model`), a name of
+    :data:`kv_agent.models.NAMED_MODELS` (e.g. ``"qwen2.5-coder-0.5b-instruct"``), a local HF
     model directory, a ``(model, tokenizer)`` pair, a loaded transformers model (with
     ``tokenizer=``) or an :class:`HFEngine` (returned as is). ``device`` defaults to CUDA when
     available; ``dtype`` (e.g. ``"bfloat16"``) applies to models loaded here.
@@ -853,11 +854,17 @@ def create(model=None, tokenizer=None, *, device: str | None = None, dtype=None,
     if isinstance(model, HFEngine):
         return model
     if model is None or isinstance(model, (str, os.PathLike)):
-        from kv_agent.models import load_default_model, load_model
+        from kv_agent.models import NAMED_MODELS, load_default_model, load_model, load_named_model
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if model is None:
             model, tokenizer = load_default_model(dtype=dtype, device=dev)
+        elif isinstance(model, str) and model in NAMED_MODELS:
+            name = model
+            model, tokenizer = load_named_model(name, dtype=dtype, device=dev)
+            engine = HFEngine(model, tokenizer, cuda_graphs=cuda_graphs)
+            engine.model_name = name  # selects the model's retrieval profile (kv_agent.retrieval_profile)
+            return engine
         else:
             if not os.path.isdir(os.fspath(model)):
                 raise InvalidArgumentError(f"model {os.fspath(model)!r} is not a local model directory")

