@@ -18,6 +18,10 @@ LOCOMO ?= ../shared/data/locomo/locomo10_dev.json
 # Multi-threaded tests run under ThreadSanitizer.
 TSAN_TESTS := store_concurrency_test index_concurrency_test disk_thread_test thread_pool_test
 space := $(subst ,, )
+# ccache (CMakeLists.txt, KVAGENT_CCACHE): paths relative to the checkout, so another clone of the
+# same sources hits the same cache entries.
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_NOHASHDIR := 1
 
 APT_PACKAGES := cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev \
 	liburing-dev libsqlite3-dev libhiredis-dev redis-server clang-19 libclang-rt-19-dev ccache
