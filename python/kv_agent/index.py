@@ -169,7 +169,7 @@ class LatentIndex:
             int(o.prefilter_layers),
             int(o.prefilter_sample),
             _device_ordinal(o.device),
-            [(int(l), int(h), float(w)) for l, h, w in (o.heads or [])],
+            [(int(layer), int(h), float(w)) for layer, h, w in (o.heads or [])],
             int(o.rope_marginal[0]) if o.rope_marginal else 0,
             int(o.rope_marginal[1]) if o.rope_marginal else 0,
         )
