@@ -91,7 +91,7 @@ typedef struct kva_segment_desc {
   kva_hash128 model;
   kva_hash128 parent;
   int32_t num_layers, num_kv_heads, head_dim, num_tokens;
-  kva_dtype dtype;
+  int32_t dtype;           /* a kva_dtype value; anything else is KVA_INVALID_ARGUMENT */
   int pre_rope;            /* nonzero: keys are stored before rotation */
   const int32_t* tokens;   /* num_tokens */
   const int64_t* positions; /* num_tokens */

@@ -128,7 +128,7 @@ static void test_store(const char* dir) {
     d.payload_bytes -= 4;
     CHECK_CODE(kva_store_put(store, &d), KVA_INVALID_ARGUMENT);
     d.payload_bytes += 4;
-    d.dtype = (kva_dtype)9;
+    d.dtype = 9;
     CHECK_CODE(kva_store_put(store, &d), KVA_INVALID_ARGUMENT);
   }
   CHECK_CODE(kva_store_put(store, NULL), KVA_INVALID_ARGUMENT);
