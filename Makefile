@@ -89,7 +89,7 @@ test-sanitize: asan tsan
 FUZZ_SECONDS ?= 12
 fuzz: deps-apt
 	cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang-19 -DCMAKE_CXX_COMPILER=clang++-19 \
-	  -DKVAGENT_FUZZ=ON -DKVAGENT_SANITIZE=address -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_TESTS=OFF -DKVAGENT_BUILD_BENCH=OFF $(CMAKE_FLAGS)
+	  -DKVAGENT_FUZZ=ON -DKVAGENT_SANITIZE=address -DKVAGENT_CUDA=OFF -DKVAGENT_BUILD_TESTS=OFF -DKVAGENT_BUILD_BENCH=OFF -DKVAGENT_LLAMA_CPP=OFF $(CMAKE_FLAGS)
 	cmake --build build-fuzz -j $(JOBS) --target fuzz_targets
 	tests/fuzz/run_fuzz.sh build-fuzz $(FUZZ_SECONDS)
 
