@@ -579,6 +579,14 @@ StatusOr<DiskTierImpl::ReadTicket> DiskTierImpl::TicketFor(const Hash128& key, c
   if (model) KVAGENT_RETURN_IF_ERROR(CheckFingerprint(it->second.info.model, *model));
   auto f = files_.find(it->second.loc.file_no);
   if (f == files_.end()) return InternalError("disk tier: segment file of " + key.ToHex() + " is missing");
+  // The catalog is an index, never trusted for sizes: a row whose record does not fit its file, or
+  // whose decoded payload could not come from its stored payload (raw: equal; int8: at most 4x),
+  // must not size an allocation (catalog_fuzz once asked for 2^51 bytes here).
+  const RecordLocation& loc = it->second.loc;
+  if (loc.record_len > f->second.size || loc.offset > f->second.size - loc.record_len ||
+      loc.payload_len > loc.record_len || it->second.info.payload_bytes / 4 > loc.payload_len) {
+    return DataLossError("disk tier: catalog row of " + key.ToHex() + " disagrees with its segment file");
+  }
   lru_.splice(lru_.begin(), lru_, it->second.lru);
   return ReadTicket{it->second.loc, it->second.info, f->second.reader};
 }
