@@ -104,16 +104,12 @@ def bench_shape(name, pages, reps, disk_dir):
         store_dir = os.path.join(d, "store")
         limit_file = write_limit_file(d, page_bytes, pages)
         extra = {"interface_v1": 1, "path": store_dir, "host_capacity_bytes": 4 * total, "sync": False}
-        h = Harness(
-            layers=L,
-            heads=H,
-            head_dim=D,
-            page_size=P,
-            dtype=dtype,
-            tokens=pages * P,
-            layout="page_first_direct",
-            extra=extra,
-        )
+
+        def open_harness():
+            return Harness(layers=L, heads=H, head_dim=D, page_size=P, dtype=dtype, tokens=pages * P,
+                           layout="page_first_direct", extra=extra)
+
+        h = open_harness()
         hashes = h.page_hashes(ids)
         idx = h.fill(ids, seed=0)
         assert h.backup(idx, ids) == len(ids)
@@ -127,16 +123,7 @@ def bench_shape(name, pages, reps, disk_dir):
             lim_m.append(memcpy_limit(page_bytes, pages))
         h.close()
         for _ in range(reps):
-            h = Harness(
-                layers=L,
-                heads=H,
-                head_dim=D,
-                page_size=P,
-                dtype=dtype,
-                tokens=pages * P,
-                layout="page_first_direct",
-                extra=extra,
-            )  # reopened: host tier empty
+            h = open_harness()  # reopened: host tier empty
             w, c, n = sglang_read(h, hashes, pages)
             assert n == pages
             disk.append((w, c))
